@@ -1,0 +1,443 @@
+"""ActivationStore: sharded, checksummed, resumable on-disk activations with shuffled batches.
+
+A store is a directory (JSON and safetensors only, every file written atomically)::
+
+    manifest.json               format, sites, d per site, dtype, counts, model, corpus, shards + sha256
+    tokens.safetensors          "tokens": the token ids of every context, [n_contexts, n_ctx]
+    shard-00000.safetensors     one tensor [rows, d] per site
+
+Rows are context-major: row ``r`` is context ``r // per_ctx`` at position ``r % per_ctx`` (+1 when BOS
+is excluded), with ``per_ctx = n_ctx - 1`` (``n_ctx`` with ``include_bos``); see :meth:`locate`.
+Shard ``i`` always holds the same contexts, so the bytes do not depend on how the store was built:
+in one go, resumed after a kill, or by several ``torchrun`` ranks.
+
+>>> store = ActivationStore.build(model, "austen", ["blocks.2.hook_resid_post"], 2_000_000, "runs/acts")
+>>> for x in store.batches("blocks.2.hook_resid_post", batch_size=4096, seed=0): ...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from tqdm.auto import tqdm
+
+from probe.corpus import load_corpus, pack
+from probe.errors import SteerscopeError, suggest
+from probe.hooks import capture
+from probe.sites import SiteSpec, all_sites, layer_of, resolve
+
+FORMAT = "steerscope-activations"
+VERSION = 1
+MANIFEST = "manifest.json"
+TOKENS = "tokens.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_NOT_PER_TOKEN = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]: not one row per token
+Corpus = str | Sequence[str] | torch.Tensor
+
+
+class ActivationStore:
+    """A read-only view of a finished store directory; make one with :meth:`build` or :meth:`open`."""
+
+    def __init__(self, path: str | Path, manifest: dict):
+        self.path, self.manifest = Path(path), manifest
+        self.sites: list[str] = list(manifest["sites"])
+        self.n_tokens: int = manifest["n_tokens"]  # rows per site
+        self.n_ctx: int = manifest["n_ctx"]
+        self.n_shards: int = len(manifest["shards"])
+        self.dtype: torch.dtype = DTYPES[manifest["dtype"]]
+
+    @classmethod
+    def open(cls, path: str | Path) -> ActivationStore:
+        """Open a finished store (cheap: reads only the manifest; see :meth:`verify`)."""
+        m = _read_manifest(Path(path))
+        if m is None:
+            raise SteerscopeError(f"{path} is not an activation store (no {MANIFEST})")
+        if m.get("format") != FORMAT or m.get("version") != VERSION:
+            raise SteerscopeError(f"{path}: unsupported store format {m.get('format')!r} v{m.get('version')}")
+        if not m.get("complete"):
+            raise SteerscopeError(f"{path}: the build did not finish; call ActivationStore.build again with the same arguments to resume")
+        return cls(path, m)
+
+    @classmethod
+    def build(cls, model, corpus: Corpus, sites: SiteSpec, n_tokens: int, path: str | Path, *,
+              n_ctx: int | None = None, batch_size: int = 32, shard_tokens: int = 65536, dtype: str = "float32",
+              include_bos: bool = False, overwrite: bool = False, corpus_spec: str | None = None,
+              progress: bool = True) -> ActivationStore:
+        """Cache ``n_tokens`` activation rows of ``sites`` over ``corpus`` into ``path`` and open the store.
+
+        ``corpus``: a corpus spec (``load_corpus(spec, "train")``), a list of texts, or token ids
+        ``[n_contexts, n_ctx]`` starting with BOS. ``batch_size`` counts contexts per forward pass;
+        ``shard_tokens`` rows per shard (rounded down to whole contexts). A killed build resumes
+        when called again with the same arguments; a finished one is just opened. Under an
+        initialised ``torch.distributed``, every rank must call this: each computes its own shards
+        and rank 0 writes the manifest.
+        """
+        path, names = Path(path), resolve(model, sites)
+        if batch_size < 1:
+            raise SteerscopeError(f"batch_size must be positive, got {batch_size}")
+        tokens = _contexts(model, corpus, n_ctx, include_bos)
+        if corpus_spec is None and isinstance(corpus, str):
+            corpus_spec = corpus
+        spec = _plan(model, names, tokens, n_tokens, dtype, include_bos, shard_tokens, corpus_spec)
+        tokens = tokens[: spec["n_contexts"]]
+        rank, world = _dist_info()
+        state = _check_dir(path, spec, overwrite)
+        _barrier(world)
+        if state != "done":
+            if rank == 0:
+                _prepare(path, spec, tokens, wipe=state == "wipe")
+            _barrier(world)
+            own = _run_shards(model, tokens, names, spec, path, batch_size, rank, world, progress)
+            _barrier(world)
+            if rank == 0:
+                _finalize(path, spec, own)
+            _barrier(world)
+        return cls.open(path)
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def __repr__(self) -> str:
+        return f"ActivationStore({str(self.path)!r}, sites={self.sites}, n_tokens={self.n_tokens}, dtype={self.manifest['dtype']})"
+
+    def d(self, site: str) -> int:
+        """Width of one row of ``site`` (heads flattened for per-head sites)."""
+        return self.manifest["d"][self._site(site)]
+
+    def locate(self, rows: torch.Tensor | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map row indices to ``(context, position)``: ``store.tokens[context, position]`` is the row's token."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        per = _per_ctx(self.manifest)
+        return rows // per, rows % per + (0 if self.manifest["include_bos"] else 1)
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """Token ids of every context, ``[n_contexts, n_ctx]`` (checksum-verified)."""
+        entry = self.manifest["tokens"]
+        return st_load(_read_checked(self.path / entry["file"], entry))["tokens"].long()
+
+    def read_shard(self, i: int, site: str | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Shard ``i`` as ``{site: [rows, d]}``, or one site's tensor; raises if the file is damaged."""
+        entry = self.manifest["shards"][i]
+        tensors = st_load(_read_checked(self.path / entry["file"], entry))
+        return tensors if site is None else tensors[self._site(site)]
+
+    def verify(self) -> None:
+        """Check the sha256 of the tokens file and every shard; raise naming every damaged file."""
+        bad = []
+        for entry in [self.manifest["tokens"], *self.manifest["shards"]]:
+            try:
+                _read_checked(self.path / entry["file"], entry)
+            except SteerscopeError:
+                bad.append(entry["file"])
+        if bad:
+            raise SteerscopeError(f"{self.path}: {len(bad)} damaged file(s): {', '.join(bad)}; rebuild the store")
+
+    def batches(self, site: str, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
+                buffer_shards: int = 4, device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
+        """Yield ``[batch_size, d]`` batches of ``site`` covering every row exactly once (the last may be short).
+
+        Shuffled: shard order is permuted, then ``buffer_shards`` shards at a time (plus the previous
+        remainder) are loaded and their rows permuted, so memory stays bounded. Deterministic for a
+        ``seed``. Unshuffled: rows in store order.
+        """
+        site, device = self._site(site), device or "cpu"
+        if batch_size < 1 or buffer_shards < 1:
+            raise SteerscopeError("batch_size and buffer_shards must be positive")
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(self.n_shards, generator=gen).tolist() if shuffle else list(range(self.n_shards))
+        rest = torch.empty(0, self.d(site), dtype=self.dtype)
+        for start in range(0, len(order), buffer_shards):
+            buf = torch.cat([rest] + [self.read_shard(i, site) for i in order[start : start + buffer_shards]])
+            if shuffle:
+                buf = buf[torch.randperm(len(buf), generator=gen)]
+            full = len(buf) // batch_size * batch_size
+            for j in range(0, full, batch_size):
+                yield buf[j : j + batch_size].to(device)
+            rest = buf[full:]
+        if len(rest):
+            yield rest.to(device)
+
+    def _site(self, site: str) -> str:
+        if site not in self.manifest["d"]:
+            raise SteerscopeError(f"site {site!r} is not in this store (it has {', '.join(self.sites)}).{suggest(site, self.sites)}")
+        return site
+
+
+# ---------------------------------------------------------------------- tokens and plan
+def _contexts(model, corpus: Corpus, n_ctx: int | None, include_bos: bool) -> torch.Tensor:
+    """Turn a corpus spec, texts or token ids into contexts ``[n, n_ctx]`` that start with BOS."""
+    if isinstance(corpus, torch.Tensor):
+        if corpus.dim() != 2 or corpus.dtype not in (torch.int32, torch.int64):
+            raise SteerscopeError(f"token ids must be an integer tensor [n_contexts, n_ctx], got {corpus.dtype} {tuple(corpus.shape)}")
+        if n_ctx is not None and n_ctx != corpus.shape[1]:
+            raise SteerscopeError(f"n_ctx={n_ctx} but the token ids have contexts of {corpus.shape[1]}")
+        tokens = corpus.detach().long().cpu()
+    else:
+        texts = load_corpus(corpus, split="train") if isinstance(corpus, str) else [t for t in corpus if t.strip()]
+        if not texts:
+            raise SteerscopeError("corpus is empty: no non-blank documents")
+        tok = model.tokenizer
+        if tok is None or not getattr(tok, "is_fast", False):
+            raise SteerscopeError("the model has no fast (tokenizers-backed) tokenizer; pass token ids as a LongTensor")
+        bos, eos = _special_ids(tok)
+        tokens = pack(tok.backend_tokenizer, texts, n_ctx or model.cfg.n_ctx, bos_id=bos, eos_id=eos)
+    if tokens.shape[0] == 0:
+        raise SteerscopeError("corpus is empty: no contexts")
+    if tokens.shape[1] > model.cfg.n_ctx or tokens.shape[1] < (1 if include_bos else 2):
+        raise SteerscopeError(f"contexts of {tokens.shape[1]} tokens do not fit this model (n_ctx {model.cfg.n_ctx})")
+    bos = getattr(model.tokenizer, "bos_token_id", None)
+    if not include_bos and bos is not None and not bool((tokens[:, 0] == bos).all()):
+        raise SteerscopeError(f"every context must start with BOS (id {bos}) to exclude it; prepend it or pass include_bos=True")
+    return tokens
+
+
+def _special_ids(tok) -> tuple[int, int]:
+    """BOS and EOS ids; a tokenizer with only one of them (GPT-2: both are <|endoftext|>) uses it for both."""
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    if bos is None and eos is None:
+        raise SteerscopeError("the tokenizer has neither a BOS nor an EOS token; pass token ids as a LongTensor")
+    return (eos if bos is None else bos), (bos if eos is None else eos)
+
+
+def _per_ctx(spec: dict) -> int:
+    return spec["n_ctx"] - (0 if spec["include_bos"] else 1)
+
+
+def _plan(model, names, tokens, n_tokens, dtype, include_bos, shard_tokens, corpus_spec) -> dict:
+    """Validate the request and describe the store (everything in the manifest except the shards)."""
+    if dtype not in DTYPES:
+        raise SteerscopeError(f"unknown store dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if not isinstance(n_tokens, int) or n_tokens < 1 or shard_tokens < 1:
+        raise SteerscopeError(f"n_tokens and shard_tokens must be positive integers, got {n_tokens!r} and {shard_tokens!r}")
+    for name in names:
+        if name.endswith(_NOT_PER_TOKEN):
+            raise SteerscopeError(f"site {name!r} is not one row per token ([batch, head, query, key]); choose a per-token site")
+    spec = {"format": FORMAT, "version": VERSION, "sites": names, "d": {}, "dtype": dtype, "n_tokens": n_tokens,
+            "n_ctx": int(tokens.shape[1]), "include_bos": include_bos}
+    per = _per_ctx(spec)
+    n_contexts = math.ceil(n_tokens / per)
+    if n_contexts > tokens.shape[0]:
+        raise SteerscopeError(
+            f"n_tokens={n_tokens} is more than the corpus provides ({tokens.shape[0] * per} tokens in "
+            f"{tokens.shape[0]} contexts of {spec['n_ctx']}); lower n_tokens or use a larger corpus"
+        )
+    spec["d"] = _site_widths(model, names, tokens[:1])
+    spec.update(n_contexts=n_contexts, shard_contexts=max(1, shard_tokens // per), model=_model_summary(model),
+                corpus=corpus_spec, tokens=_entry(TOKENS, _tokens_bytes(tokens[:n_contexts])))
+    return json.loads(json.dumps(spec))  # normalised exactly as it will be read back
+
+
+def _site_widths(model, names: list[str], one: torch.Tensor) -> dict[str, int]:
+    """Run one context to learn each site's row width; reject sites that are not ``[batch, pos, ...]``."""
+    with torch.no_grad(), capture(model, names) as acts:
+        _forward(model, one.to(model.cfg.device), _stop_layer(model, names))
+    widths = {}
+    for name in names:
+        shape = tuple(acts[name].shape)
+        if shape[:2] != tuple(one.shape):
+            raise SteerscopeError(f"site {name!r} has shape {shape}, not [batch, pos, ...]; choose a per-token site")
+        widths[name] = math.prod(shape[2:])
+    return widths
+
+
+def _model_summary(model) -> dict:
+    cfg = model.cfg
+    keys = ("model_name", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "act_fn",
+            "normalization_type", "positional_embedding_type", "num_experts", "experts_per_token")
+    return {**{k: getattr(cfg, k, None) for k in keys}, "dtype": str(cfg.dtype)}
+
+
+def _stop_layer(model, names: list[str]) -> int | None:
+    """The ``stop_at_layer`` that still runs every requested site (``None``: the whole model)."""
+    order = all_sites(model)
+    first_block = next((i for i, n in enumerate(order) if layer_of(n) is not None), len(order))
+    stops = []
+    for name in names:
+        layer = layer_of(name)
+        if layer is None and order.index(name) > first_block:
+            return None  # e.g. ln_final: needs every block
+        stops.append(0 if layer is None else layer + 1)
+    return max(stops)
+
+
+def _forward(model, batch: torch.Tensor, stop: int | None) -> None:
+    kw = {"attention_mask": torch.ones_like(batch)} if getattr(model.tokenizer, "padding_side", "") == "left" else {}
+    if stop is None:
+        model(batch, return_type=None, **kw)
+    else:
+        model(batch, stop_at_layer=stop, **kw)
+
+
+# ---------------------------------------------------------------------- building
+def _dist_info() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        torch.distributed.barrier()
+
+
+def _check_dir(path: Path, spec: dict, overwrite: bool) -> str:
+    """``fresh``, ``resume``, ``done`` or ``wipe``; refuse a foreign directory or a different store."""
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        return "fresh"
+    old = _read_manifest(path) if path.is_dir() else None
+    if old is None:
+        raise SteerscopeError(f"{path} exists and is not an activation store (no {MANIFEST}); choose a new or empty directory")
+    diff = next((k for k in {**old, **spec} if k not in ("complete", "shards") and old.get(k) != spec.get(k)), None)
+    if diff is None:
+        return "done" if old.get("complete") else "resume"
+    if overwrite:
+        return "wipe"
+    raise SteerscopeError(
+        f"{path} holds a different activation store ({diff}: {str(old.get(diff))[:60]} != {str(spec.get(diff))[:60]}); "
+        "pass overwrite=True to replace it or choose another path"
+    )
+
+
+def _prepare(path: Path, spec: dict, tokens: torch.Tensor, wipe: bool) -> None:
+    """Create the directory, drop temp files (and an old store on ``wipe``), write tokens + a partial manifest."""
+    path.mkdir(parents=True, exist_ok=True)
+    if wipe:
+        (path / MANIFEST).unlink(missing_ok=True)
+    for f in path.iterdir():
+        if ".tmp" in f.name or (wipe and (f.name == TOKENS or f.name.startswith("shard-"))):
+            f.unlink()
+    _atomic_write(path / TOKENS, _tokens_bytes(tokens))
+    _write_manifest(path, {**spec, "complete": False, "shards": []})
+
+
+def _bounds(spec: dict, i: int) -> tuple[int, int, int, int]:
+    """Shard ``i``: first context, end context, first row, number of rows."""
+    per, sc = _per_ctx(spec), spec["shard_contexts"]
+    c0, c1 = i * sc, min((i + 1) * sc, spec["n_contexts"])
+    return c0, c1, c0 * per, min(spec["n_tokens"], c1 * per) - c0 * per
+
+
+def _n_shards(spec: dict) -> int:
+    return math.ceil(spec["n_contexts"] / spec["shard_contexts"])
+
+
+def _run_shards(model, tokens, names, spec, path, batch_size, rank, world, progress) -> dict[int, dict]:
+    """Compute and write this rank's missing shards (``i % world == rank``); return their manifest entries."""
+    todo = [i for i in range(_n_shards(spec)) if i % world == rank and not _shard_ok(path, spec, i)]
+    stop, own = _stop_layer(model, names), {}
+    total = sum(_bounds(spec, i)[3] for i in todo)
+    bar = tqdm(total=total, unit="tok", desc=f"caching {len(names)} site(s)", disable=not progress or rank != 0)
+    with bar, torch.no_grad(), capture(model, names) as acts:
+        for i in todo:
+            tensors = _forward_shard(model, tokens, spec, i, stop, acts, batch_size, bar)
+            data = st_save(tensors, metadata={"spec": _spec_hash(spec)})
+            _atomic_write(path / _shard_name(i), data)
+            own[i] = _entry(_shard_name(i), data)
+    return own
+
+
+def _forward_shard(model, tokens, spec, i, stop, acts, batch_size, bar) -> dict[str, torch.Tensor]:
+    """Run shard ``i``'s contexts in batches and gather each site's rows (BOS dropped unless included)."""
+    c0, c1, _, rows = _bounds(spec, i)
+    skip, dt = 0 if spec["include_bos"] else 1, DTYPES[spec["dtype"]]
+    out = {s: torch.empty(rows, d, dtype=dt) for s, d in spec["d"].items()}
+    off = 0
+    for b in range(c0, c1, batch_size):
+        batch = tokens[b : min(b + batch_size, c1)].to(model.cfg.device)
+        _forward(model, batch, stop)
+        n = min(batch.shape[0] * _per_ctx(spec), rows - off)
+        for site, buf in out.items():
+            buf[off : off + n].copy_(acts[site][:, skip:].reshape(-1, buf.shape[1])[:n])
+        off += n
+        bar.update(n)
+    return out
+
+
+def _shard_ok(path: Path, spec: dict, i: int) -> bool:
+    """Whether shard ``i`` already exists from an interrupted build of this very spec."""
+    file = path / _shard_name(i)
+    if not file.exists():
+        return False
+    rows = _bounds(spec, i)[3]
+    try:
+        with safe_open(str(file), "pt") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+            meta = f.metadata() or {}
+    except Exception:  # noqa: BLE001 - any unreadable file is simply recomputed
+        return False
+    return meta.get("spec") == _spec_hash(spec) and shapes == {s: [rows, d] for s, d in spec["d"].items()}
+
+
+def _finalize(path: Path, spec: dict, own: dict[int, dict]) -> None:
+    """Write the complete manifest: entries for this rank's shards, re-hashed files for the others."""
+    shards = []
+    for i in range(_n_shards(spec)):
+        _, _, first, rows = _bounds(spec, i)
+        entry = own.get(i) or _entry(_shard_name(i), _read_bytes(path / _shard_name(i)))
+        shards.append({**entry, "rows": rows, "first_row": first})
+    _write_manifest(path, {**spec, "complete": True, "shards": shards})
+
+
+# ---------------------------------------------------------------------- files
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def _tokens_bytes(tokens: torch.Tensor) -> bytes:
+    return st_save({"tokens": tokens.to(torch.int32).contiguous()})
+
+
+def _spec_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _entry(name: str, data: bytes) -> dict:
+    return {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def _atomic_write(file: Path, data: bytes) -> None:
+    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, file)
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    _atomic_write(path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _read_manifest(path: Path) -> dict | None:
+    file = path / MANIFEST
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SteerscopeError(f"{file} is not valid JSON; delete the directory or choose another path") from e
+
+
+def _read_bytes(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as e:
+        raise SteerscopeError(f"cannot read {file}: {e.strerror or e}") from e
+
+
+def _read_checked(file: Path, entry: dict) -> bytes:
+    """The file's bytes, after checking size and sha256 against its manifest entry."""
+    data = _read_bytes(file)
+    if len(data) != entry["bytes"]:
+        raise SteerscopeError(f"{file} is truncated or altered ({len(data)} bytes, manifest says {entry['bytes']}); rebuild the store")
+    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise SteerscopeError(f"{file} is corrupted (sha256 mismatch); rebuild the store")
+    return data

@@ -1,0 +1,112 @@
+"""Autograd Functions whose backward passes touch only the active (row, latent) pairs.
+
+Shapes: ``N`` rows, ``d`` = d_in, ``M`` = d_sae, ``k`` active latents per row, ``d_out`` decoder width.
+
+``TopKEncodeFn``: ``values [N, k]`` = top-k of ``x @ W_enc + b_enc`` (indices non-differentiable).
+Given ``g = dL/dvalues``:
+
+- ``dL/dx[n] = sum_j g[n, j] W_enc[:, idx[n, j]]``    one ``embedding_bag`` over latent rows, N*k*d;
+- ``dL/dW_enc[:, m] = sum_{(n, j): idx = m} g[n, j] x[n]``  sorted ``embedding_bag``, N*k*d;
+- ``dL/db_enc[m] = sum_{(n, j): idx = m} g[n, j]``     ``index_add_``.
+
+``SparseDecodeFn``: ``out = sum_j values[n, j] W_dec[idx[n, j]] + b_dec``. Given ``h = dL/dout``:
+
+- ``dL/dvalues[n, j] = <W_dec[idx[n, j]], h[n]>``       chunked gather + bmm, N*k*d_out;
+- ``dL/dW_dec[m] = sum_{(n, j): idx = m} values[n, j] h[n]``  sorted ``embedding_bag``;
+- ``dL/db_dec = sum_n h[n]``.
+
+Any loss built on the values (the TopK reconstruction, AuxK over dead latents, Multi-TopK) sends
+its gradient through these formulas, so the encoder always receives it. Gradients are computed in
+fp32 for fp16/bf16 inputs and returned in each input's dtype. The weight gradients are dense
+``[M, d]`` tensors (what optimizers expect); only the work to fill them is sparse.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd import Function
+
+from saes.kernels.cpu import gather_dot, latent_csr, latent_rows, scatter_rows
+
+
+def _work_dtype(t: Tensor) -> torch.dtype:
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def encoder_backward(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor | None, indices: Tensor, g: Tensor, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``x``, ``W_enc`` (``[d, M]``), ``b_enc`` from ``g = dL/dvalues`` (see module doc)."""
+    m = W_enc.shape[1]
+    wd = _work_dtype(W_enc)
+    g = g.to(wd)
+    grad_x = grad_w = grad_b = None
+    if needs[0]:
+        grad_x = torch.nn.functional.embedding_bag(
+            indices, latent_rows(W_enc).to(wd), per_sample_weights=g, mode="sum"
+        ).to(x.dtype)
+    if needs[1]:
+        rows = scatter_rows(latent_csr(indices, m), x.to(wd), g)
+        grad_w = rows.to(W_enc.dtype).t()
+    if needs[2] and b_enc is not None:
+        grad_b = torch.zeros(m, dtype=wd, device=g.device).index_add_(0, indices.reshape(-1), g.reshape(-1))
+        grad_b = grad_b.to(b_enc.dtype)
+    return grad_x, grad_w, grad_b
+
+
+def decoder_backward(
+    values: Tensor, indices: Tensor, W_dec: Tensor, b_dec: Tensor | None, h: Tensor, needs: tuple[bool, bool, bool]
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``values``, ``W_dec`` (``[M, d_out]``), ``b_dec`` from ``h = dL/dout``."""
+    wd = _work_dtype(W_dec)
+    h = h.to(wd)
+    grad_v = grad_w = grad_b = None
+    if needs[0]:
+        grad_v = gather_dot(indices, W_dec.to(wd), h).to(values.dtype)
+    if needs[1]:
+        grad_w = scatter_rows(latent_csr(indices, W_dec.shape[0]), h, values.to(wd)).to(W_dec.dtype)
+    if needs[2] and b_dec is not None:
+        grad_b = h.sum(0).to(b_dec.dtype)
+    return grad_v, grad_w, grad_b
+
+
+class TopKEncodeFn(Function):
+    """``(values, indices) = topk(x @ W_enc + b_enc)`` with a sparse backward.
+
+    ``encode`` is a callable ``(x, W_enc, b_enc) -> (values, indices)`` (a backend) whose indices
+    are global latent ids; it runs under no_grad in forward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, encode):  # type: ignore[override]
+        values, indices = encode(x, W_enc, b_enc)
+        ctx.save_for_backward(x, W_enc, b_enc, indices)
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, g_values, _g_indices):  # type: ignore[override]
+        x, W_enc, b_enc, indices = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[:3])
+        grads = encoder_backward(x, W_enc, b_enc, indices, g_values, needs)  # type: ignore[arg-type]
+        return (*grads, None)
+
+
+class SparseDecodeFn(Function):
+    """``out = sum_j values[:, j] * W_dec[indices[:, j]] + b_dec`` with a sparse backward.
+
+    ``decode`` is a callable ``(values, indices, W_dec, b_dec) -> out`` (a backend).
+    """
+
+    @staticmethod
+    def forward(ctx, values, indices, W_dec, b_dec, decode):  # type: ignore[override]
+        ctx.save_for_backward(values, indices, W_dec, b_dec)
+        return decode(values, indices, W_dec, b_dec)
+
+    @staticmethod
+    def backward(ctx, h):  # type: ignore[override]
+        values, indices, W_dec, b_dec = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        grad_v, grad_w, grad_b = decoder_backward(values, indices, W_dec, b_dec, h, needs)
+        return grad_v, None, grad_w, grad_b, None
