@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup system demo test lint clean
+.PHONY: setup system browser demo test lint clean
 
 setup: $(VENV)/.installed
 
@@ -19,15 +19,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 # Debian's package index is needed once to fetch the Austen corpus (apt-get download).
 system:
 	@if command -v apt-get >/dev/null && ! apt-cache show r-cran-janeaustenr >/dev/null 2>&1; then \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq; else sudo apt-get update -qq; fi; fi
+		$(SUDO) apt-get update -qq; fi
+
+# The browser tests drive Debian's chromium (never a downloaded browser).
+browser: system
+	@if command -v apt-get >/dev/null && [ ! -x /usr/bin/chromium ]; then \
+		$(SUDO) apt-get install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null; fi
 
 demo: setup system
 	$(VENV)/bin/steerscope demo
 
-test: setup system
+test: setup system browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 lint: setup

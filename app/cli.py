@@ -22,9 +22,10 @@ app.add_typer(cache_app, name="cache")
 
 
 def _register_commands() -> None:
-    from app import commands_saes
+    from app import commands_app, commands_saes
 
     commands_saes.register(app)
+    commands_app.register(app)
 
 
 _register_commands()
@@ -141,13 +142,19 @@ def cache_verify(path: Path = typer.Argument(..., help="store directory")) -> No
 # ------------------------------------------------------------------ demo
 @app.command("demo")
 def demo(
-    out: Path = typer.Option(Path("runs/demo"), help="where the demo writes its artifacts"),
-    n_tokens: int = typer.Option(100_000, help="activation rows to cache"),
+    out: Path = typer.Option(Path("runs/demo"), help="where the demo writes (and later reuses) its artifacts"),
+    n_tokens: int = typer.Option(100_000, help="activation rows to cache for the SAE"),
+    d_sae: int = typer.Option(4096, help="SAE latents"),
+    k: int = typer.Option(32, help="active latents per token"),
+    serve: bool = typer.Option(True, help="serve the dashboard at the end (--no-serve stops after the feature store)"),
+    port: int = typer.Option(8501, help="dashboard port"),
 ) -> None:
-    """The main job: bundled model -> activations on disk -> a printed summary."""
+    """The main job on the bundled model: cache activations, train a TopK SAE, evaluate it,
+    build the feature store, serve the dashboard on 127.0.0.1. Stages whose artifacts exist are reused."""
     from app.demo import run_demo
 
-    run_demo(out, n_tokens)
+    summary = run_demo(out, n_tokens, d_sae=d_sae, k=k, serve=serve, port=port)
+    _echo_json(summary)
 
 
 def main() -> None:

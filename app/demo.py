@@ -1,10 +1,11 @@
-"""The main job, end to end on the bundled model: model -> activations on disk -> printed summary.
+"""The main job, end to end on the bundled model, reusing whatever already exists under ``out``:
 
-Later stages (dictionary, feature store, dashboard) hook in here as they land.
+model -> activations on disk -> TopK SAE -> evaluation -> feature store -> dashboard.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,33 +13,84 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-DEMO_SITES = "blocks.*.hook_resid_post"
+DEMO_SITE = "blocks.2.hook_resid_post"
+MODEL = "austen-dense"
 
 
-def run_demo(out: Path, n_tokens: int = 100_000, model_name: str = "austen-dense") -> dict:
+def run_demo(out: Path, n_tokens: int = 100_000, d_sae: int = 4096, k: int = 32, serve: bool = True,
+             port: int = 8501, host: str = "127.0.0.1") -> dict:
+    """Run every stage (each skipped when its artifact is already there) and serve the app."""
     from probe.models import load_model
-    from probe.store import ActivationStore
     from probe.zoo import card
 
-    console = Console()
-    model = load_model(model_name, device="cpu")
-    c = card(model_name)
-    console.print(f"[bold]{model_name}[/bold]: {c['n_params'] / 1e6:.1f} M params, val loss {c['val_loss']:.3f} "
-                  f"nats/token (bigram baseline {c['bigram_val_loss']:.3f})")
+    console = Console(stderr=True)
+    out = Path(out)
+    model = load_model(MODEL, device="cpu")
+    c = card(MODEL)
+    console.rule(f"[bold]steerscope demo[/bold]: {MODEL}")
+    console.print(f"{c['n_params'] / 1e6:.1f} M params, val loss {c['val_loss']:.3f} nats/token "
+                  f"(bigram baseline {c['bigram_val_loss']:.3f}); artifacts in {out}")
     torch.manual_seed(0)
-    sample = model.generate("It is a truth universally acknowledged", max_new_tokens=30, temperature=0.8, verbose=False)
-    console.print(f"sample: {sample!r}")
+    console.print("sample:", repr(model.generate("It is a truth universally acknowledged", max_new_tokens=25,
+                                                  temperature=0.8, verbose=False)))
+    store = _stage(console, "1/5 cache activations", lambda: _cache(model, out / "acts", n_tokens))
+    sae = _stage(console, "2/5 train a TopK SAE", lambda: _train(store, out / "sae", d_sae, k))
+    metrics = _stage(console, "3/5 evaluate it", lambda: _evaluate(sae, model, out / "sae"))
+    _print_metrics(console, metrics)
+    meta = _stage(console, "4/5 build the feature store", lambda: _features(sae, model, store, out / "features"))
+    summary = {"store": str(out / "acts"), "dictionary": str(out / "sae"), "features": str(out / "features"),
+               "metrics": metrics, "n_features": meta.get("d_sae")}
+    if serve:
+        console.rule("5/5 serve the dashboard")
+        from app.commands_app import app_cmd
+
+        app_cmd(store=out / "features", port=port, host=host, dictionary=None, model=None, vectors=None, device="cpu")
+    return summary
+
+
+def _stage(console: Console, title: str, fn):
+    console.rule(title)
     t0 = time.time()
-    store = ActivationStore.build(model, "austen", DEMO_SITES, n_tokens, out / "acts", corpus_spec="austen")
-    dt = time.time() - t0
+    result = fn()
+    console.print(f"[green]done[/green] in {time.time() - t0:.1f} s")
+    return result
+
+
+def _cache(model, path: Path, n_tokens: int):
+    from probe.store import ActivationStore
+
+    store = ActivationStore.build(model, "austen", DEMO_SITE, n_tokens, path, corpus_spec="austen")
     store.verify()
-    table = Table(title=f"activations in {out / 'acts'} ({n_tokens:,} tokens/site, {dt:.1f} s)")
-    for col in ("site", "d", "rows", "mean |x|", "std |x|", "max |x|"):
-        table.add_column(col)
-    stats = {}
-    for site in store.sites:
-        norms = torch.cat([b.float().norm(dim=-1) for b in store.batches(site, 8192, shuffle=False)])
-        stats[site] = dict(mean=float(norms.mean()), std=float(norms.std()), max=float(norms.max()))
-        table.add_row(site, str(store.d(site)), f"{len(norms):,}", *(f"{stats[site][k]:.2f}" for k in ("mean", "std", "max")))
+    return store
+
+
+def _train(store, path: Path, d_sae: int, k: int):
+    from saes.base import load_dictionary
+    from saes.train import train
+
+    if (path / "weights.safetensors").exists():
+        return load_dictionary(path)
+    return train("topk", store, site=DEMO_SITE, d_sae=d_sae, k=k, n_tokens=3 * len(store), lr=1e-3,
+                 out=path, model=MODEL)
+
+
+def _evaluate(sae, model, path: Path) -> dict:
+    from saes.metrics import evaluate
+
+    if (path / "eval.json").exists():
+        return json.loads((path / "eval.json").read_text())
+    return evaluate(sae, model, "austen", site=DEMO_SITE, n_contexts=32, out=path)
+
+
+def _features(sae, model, store, path: Path) -> dict:
+    from saes.features import build_feature_store
+
+    return build_feature_store(sae, model, store, path, n_tokens=min(len(store), 50_000), model_ref=MODEL)
+
+
+def _print_metrics(console: Console, m: dict) -> None:
+    table = Table(title=f"TopK SAE at {DEMO_SITE} (held-out Austen)")
+    for key in ("l0", "fvu", "explained_variance", "dead_frac", "ce_score", "kl_score"):
+        if key in m:
+            table.add_row(key, f"{m[key]:.4f}" if isinstance(m[key], float) else str(m[key]))
     console.print(table)
-    return {"store": str(out / "acts"), "seconds": dt, "norms": stats}

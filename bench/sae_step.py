@@ -5,7 +5,7 @@
 
 Every (shape, implementation) pair runs in its own subprocess with the same seeded data and
 initialisation, the same loss (MSE of the reconstruction, pre-bias ``x - b_dec``) and the same
-optimizer (``torch.optim.Adam(fused=True)``), on ``torch.get_num_threads()`` threads:
+optimizer (``torch.optim.Adam(fused=True)``), on ``--threads`` torch threads (default: all cores):
 
 - ``ours``: :func:`saes.kernels.topk_sae_forward` (tiled top-k encoder, sparse decode and backward);
   the encoder is stored latent-major (``[d_sae, d_in]``) and passed as ``.T``;
@@ -70,10 +70,12 @@ def _setup(impl: str, d: int, m: int, k: int, n: int):
         W_enc, b_enc, W_dec, b_dec = p
         if impl == "gemm":
             return (lambda: torch.addmm(b_enc.detach(), x, W_enc.detach().T)), []
-        forward = topk_sae_forward if impl == "ours" else dense_topk_sae
 
         def loss():
-            x_hat = forward(x - b_dec, W_enc.T, b_enc, W_dec, b_dec, k)[0]
+            if impl == "ours":
+                x_hat = topk_sae_forward(x - b_dec, W_enc.T, b_enc, W_dec, b_dec, k).x_hat
+            else:
+                x_hat = dense_topk_sae(x - b_dec, W_enc.T, b_enc, W_dec, b_dec, k, exact_ties=False)[0]
             return (x_hat - x).pow(2).sum(-1).mean()
 
         return loss, p
@@ -103,8 +105,11 @@ def _setup(impl: str, d: int, m: int, k: int, n: int):
     raise ValueError(impl)
 
 
-def worker(impl: str, d: int, m: int, k: int, n: int, steps: int) -> dict:
+def worker(impl: str, d: int, m: int, k: int, n: int, steps: int, threads: int) -> dict:
     import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
     if impl == "sparsify-eager":
         os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
@@ -130,8 +135,8 @@ def worker(impl: str, d: int, m: int, k: int, n: int, steps: int) -> dict:
     return {"ms": 1e3 * sorted(times)[len(times) // 2], "peak_mb": peak, "step_mb": peak - base}
 
 
-def run(impl: str, d: int, m: int, k: int, n: int, steps: int, timeout: int) -> dict:
-    cmd = [sys.executable, __file__, "--worker", impl, str(d), str(m), str(k), str(n), str(steps)]
+def run(impl: str, d: int, m: int, k: int, n: int, steps: int, threads: int, timeout: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", impl, *map(str, (d, m, k, n, steps, threads))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -143,10 +148,11 @@ def run(impl: str, d: int, m: int, k: int, n: int, steps: int, timeout: int) -> 
     return json.loads(lines[-1])
 
 
-def table(shape: tuple[int, int, int, int], results: dict[str, dict]) -> str:
+def table(shape: tuple[int, int, int, int], results: dict[str, dict], threads: int) -> str:
     d, m, k, n = shape
     ours, gemm = results["ours"].get("ms"), results["gemm"].get("ms")
-    rows = [f"\nd_in={d} d_sae={m} k={k} batch={n} fp32, {os.cpu_count()} cpus, torch threads={_threads()}"]
+    load = os.getloadavg()[0]
+    rows = [f"\nd_in={d} d_sae={m} k={k} batch={n} fp32, {os.cpu_count()} cpus, threads={threads}, load {load:.1f}"]
     rows.append(f"{'impl':<16}{'step ms':>10}{'steps/s':>9}{'x GEMM':>8}{'speedup':>9}{'peak MB':>9}{'step MB':>9}")
     for impl, r in results.items():
         if "error" in r:
@@ -161,35 +167,30 @@ def table(shape: tuple[int, int, int, int], results: dict[str, dict]) -> str:
     return "\n".join(rows)
 
 
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small shapes (d_in 64, d_sae 2048, batch 512)")
+    ap.add_argument("--quick", action="store_true", help="small shapes (d_in 128, d_sae 4096, batch 1024)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: torch's default)")
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row (median reported)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per (shape, impl) subprocess")
-    ap.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         impl, *dims = args.worker
         print(json.dumps(worker(impl, *map(int, dims))))
         return
-    shapes = [(64, 2048, 16, 512)] if args.quick else [(d, m, 32, 4096) for d in (256, 768) for m in (16384, 32768)]
+    shapes = [(128, 4096, 32, 1024)] if args.quick else [(d, m, 32, 4096) for d in (256, 768) for m in (16384, 32768)]
     impls = args.impls.split(",")
     for shape in shapes:
         results = {}
         for impl in impls:
             steps = args.steps or (5 if impl in ("ours", "gemm") or args.quick else 3)
-            results[impl] = run(impl, *shape, steps, args.timeout)
+            results[impl] = run(impl, *shape, steps, args.threads, args.timeout)
             print(f"  {impl}: {results[impl]}", file=sys.stderr, flush=True)
         results.setdefault("ours", {})
         results.setdefault("gemm", {})
-        print(table(shape, results), flush=True)
+        print(table(shape, results, args.threads or os.cpu_count() or 1), flush=True)
         r = results
         if all("ms" in r.get(key, {}) for key in ("ours", "saelens", "gemm")):
             goals = [f"ours vs saelens {r['saelens']['ms'] / r['ours']['ms']:.2f}x (goal >= 4)"]

@@ -109,6 +109,15 @@ class ActivationStore:
     def __repr__(self) -> str:
         return f"ActivationStore({str(self.path)!r}, sites={self.sites}, n_tokens={self.n_tokens}, dtype={self.manifest['dtype']})"
 
+    def summary(self) -> dict:
+        """A JSON-able overview: path, sites and widths, rows, contexts, shards, dtype, bytes on disk."""
+        m = self.manifest
+        return {"path": str(self.path), "sites": {s: m["d"][s] for s in self.sites}, "n_tokens": self.n_tokens,
+                "n_ctx": self.n_ctx, "n_contexts": m["n_contexts"],
+                "n_shards": self.n_shards, "dtype": m["dtype"], "include_bos": m["include_bos"],
+                "model": m["model"].get("model_name"), "corpus": m.get("corpus"),
+                "bytes": sum(e["bytes"] for e in m["shards"])}
+
     def d(self, site: str) -> int:
         """Width of one row of ``site`` (heads flattened for per-head sites)."""
         return self.manifest["d"][self._site(site)]

@@ -7,7 +7,7 @@ Given ``g = dL/dvalues``:
 
 - ``dL/dx[n] = sum_j g[n, j] W_enc[:, idx[n, j]]``    one ``embedding_bag`` over latent rows, N*k*d;
 - ``dL/dW_enc[:, m] = sum_{(n, j): idx = m} g[n, j] x[n]``  sorted ``embedding_bag``, N*k*d;
-- ``dL/db_enc[m] = sum_{(n, j): idx = m} g[n, j]``     ``index_add_``.
+- ``dL/db_enc[m] = sum_{(n, j): idx = m} g[n, j]``     the same, over a column of ones.
 
 ``SparseDecodeFn``: ``out = sum_j values[n, j] W_dec[idx[n, j]] + b_dec``. Given ``h = dL/dout``:
 
@@ -17,7 +17,8 @@ Given ``g = dL/dvalues``:
 
 Any loss built on the values (the TopK reconstruction, AuxK over dead latents, Multi-TopK) sends
 its gradient through these formulas, so the encoder always receives it. Gradients are computed in
-fp32 for fp16/bf16 inputs and returned in each input's dtype. The weight gradients are dense
+fp32 for fp16/bf16 inputs (on CUDA by the kernels' fp32 accumulators, without upcast copies of
+the weights) and returned in each input's dtype. The weight gradients are dense
 ``[M, d]`` tensors (what optimizers expect); only the work to fill them is sparse.
 """
 
@@ -31,7 +32,9 @@ from saes.kernels.cpu import gather_dot, latent_csr, latent_rows, scatter_rows
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:
-    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+    """fp32 for half inputs on CPU; on CUDA the gathers and segment sums accumulate in fp32 already."""
+    half = t.dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if half and t.device.type == "cpu" else t.dtype
 
 
 def encoder_backward(
@@ -46,12 +49,12 @@ def encoder_backward(
         grad_x = torch.nn.functional.embedding_bag(
             indices, latent_rows(W_enc).to(wd), per_sample_weights=g, mode="sum"
         ).to(x.dtype)
+    csr = latent_csr(indices, m) if needs[1] or (needs[2] and b_enc is not None) else None
     if needs[1]:
-        rows = scatter_rows(latent_csr(indices, m), x.to(wd), g)
-        grad_w = rows.to(W_enc.dtype).t()
-    if needs[2] and b_enc is not None:
-        grad_b = torch.zeros(m, dtype=wd, device=g.device).index_add_(0, indices.reshape(-1), g.reshape(-1))
-        grad_b = grad_b.to(b_enc.dtype)
+        grad_w = scatter_rows(csr, x.to(wd), g).to(W_enc.dtype).t()
+    if needs[2] and b_enc is not None:  # a segment sum, deterministic on GPUs too (no atomics)
+        ones = torch.ones(x.shape[0], 1, dtype=wd, device=g.device)
+        grad_b = scatter_rows(csr, ones, g)[:, 0].to(b_enc.dtype)
     return grad_x, grad_w, grad_b
 
 

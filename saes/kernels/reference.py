@@ -23,11 +23,22 @@ def dense_topk_indices(pre: Tensor, k: int) -> Tensor:
 
 
 def dense_topk_sae(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor | None, W_dec: Tensor, b_dec: Tensor | None, k: int, relu: bool = True
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor | None,
+    W_dec: Tensor,
+    b_dec: Tensor | None,
+    k: int,
+    relu: bool = True,
+    exact_ties: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Dense TopK SAE: ``(x_hat, dense_acts [N, M], indices)`` with autograd through everything."""
+    """Dense TopK SAE: ``(x_hat, dense_acts [N, M], indices)`` with autograd through everything.
+
+    ``exact_ties=False`` selects with ``torch.topk`` (ties unspecified) instead of a stable sort:
+    what a plain implementation does, and what the benchmark times.
+    """
     pre = dense_pre_acts(x, W_enc, b_enc)
-    idx = dense_topk_indices(pre.detach(), k)
+    idx = dense_topk_indices(pre.detach(), k) if exact_ties else pre.detach().topk(k, dim=-1).indices
     vals = pre.gather(-1, idx)
     vals = torch.relu(vals) if relu else vals
     acts = torch.zeros_like(pre).scatter(-1, idx, vals)

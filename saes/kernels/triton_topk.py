@@ -110,6 +110,7 @@ def topk_encode_triton(
     block_m: int = 128,
     block_d: int | None = None,
     splits: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Fused top-k encoder: ``(values fp32 [N, k], indices int64 [N, k])``, value desc, index asc."""
     dtype = torch.promote_types(x.dtype, W_enc.dtype)
@@ -124,8 +125,11 @@ def topk_encode_triton(
     m_per_split = _cdiv(_cdiv(m, splits), block_m) * block_m
     splits = _cdiv(m, m_per_split)
     keys = torch.empty(n, splits * k, dtype=torch.int64, device=x.device)
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    precision = "ieee" if dtype == torch.float32 and not tf32 else "tf32"
+    precision = None  # bf16/fp16: tensor cores with fp32 accumulation
+    if dtype == torch.float32:  # match torch's fp32 matmul: IEEE unless TF32 is allowed
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    # registers: acc (fp32) + tile keys (int64) + state (int64) per row of the block
+    num_warps = num_warps or (8 if block_n * (12 * block_m + 8 * k_pad) > 32768 else 4)
     bias = b_enc if b_enc is not None else keys
     _topk_encode_kernel[(n_blocks, splits)](
         x, W_enc, bias, keys, n, d, m, m_per_split,
@@ -133,7 +137,7 @@ def topk_encode_triton(
         HAS_BIAS=b_enc is not None, K=k, K_PAD=k_pad,
         BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, INPUT_PRECISION=precision,
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and dtype == torch.bfloat16,
-        num_warps=4 if block_n * block_m <= 4096 else 8, num_stages=3,
+        num_warps=num_warps, num_stages=3,
     )  # fmt: skip
     return unpack_keys(topk_keys(keys, k))
 

@@ -1,0 +1,114 @@
+"""Patching: patch a direction (a dictionary feature, or one learned by DAS) from source runs into base runs,
+measure the effect on a logit difference, and check it for the subspace-patching illusion."""
+
+from __future__ import annotations
+
+import streamlit as st
+import torch
+
+from app.views import _ui
+from probe.errors import SteerscopeError
+
+BASE = "When Elizabeth and Jane walked to the village, Jane gave a letter to"
+SOURCE = "When Elizabeth and Jane walked to the village, Elizabeth gave a letter to"
+
+store = _ui.open_store()
+st.title("Patching")
+st.caption("Runs each base prompt with the activation at a site moved toward its source prompt along one direction "
+           "v (h' = h_b + (v·(h_s − h_b)/|v|²) v), and reports the change in logit(source answer) − logit(base answer) "
+           "as a fraction of the source − base gap (1 = behaves like the source). The illusion check (Makelov et al.) "
+           "splits v into the part later layers read and the part they cannot see.")
+model, dictionary = _ui.live(store)
+
+a, b = st.columns(2)
+base_text = a.text_area("Base prompts (one per line)", BASE, key="patch_base", height=100)
+source_text = b.text_area("Source prompts (one per line, paired with the base lines)", SOURCE, key="patch_source",
+                          height=100)
+c1, c2 = st.columns(2)
+good = c1.text_input("Source answer (one token)", " Jane", key="patch_good")
+bad = c2.text_input("Base answer (one token)", " Elizabeth", key="patch_bad")
+
+write_site = store.meta.get("write_site") or store.meta["site"]
+sites = [write_site] + [s for layer in range(model.cfg.n_layers) for s in
+                        (f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.hook_resid_post") if s != write_site]
+c1, c2, c3 = st.columns(3)
+site = c1.selectbox("Site", sites, key="patch_site", help="feature directions live at the site the dictionary writes to")
+where = c2.radio("Positions", ["last token", "all positions"], key="patch_pos", horizontal=True)
+kind = c3.radio("Direction", ["feature", "DAS"], key="patch_dir", horizontal=True,
+                help="a dictionary feature's decoder row, or a rank-1 direction trained by distributed alignment search")
+c1, _ = st.columns([1, 2])
+if kind == "feature":
+    feature = c1.number_input("feature", 0, store.n_features - 1, 0, key="patch_feature")
+else:
+    steps = c1.slider("DAS training steps", 10, 300, 100, step=10, key="patch_steps")
+
+
+def answer_id(text: str) -> int:
+    ids = model.to_tokens(text, prepend_bos=False)[0].tolist()
+    if len(ids) != 1:
+        raise SteerscopeError(f"the answer {text!r} is {len(ids)} tokens; give exactly one token (mind the leading space)")
+    return ids[0]
+
+
+def prompts(text: str) -> list[str]:
+    return [p for p in text.splitlines() if p.strip()]
+
+
+def run() -> dict:
+    from steering import illusion_diagnostics, train_das
+    from steering.patching import cache_site, default_reader, logit_diff
+
+    base, source = prompts(base_text), prompts(source_text)
+    if not base or len(base) != len(source):
+        raise SteerscopeError(f"give as many source prompts as base prompts ({len(base)} vs {len(source)}), at least one")
+    lengths = {len(model.to_tokens(p)[0]) for p in base + source}
+    if len(lengths) != 1:
+        raise SteerscopeError(f"every prompt must have the same number of tokens (got {sorted(lengths)}) so positions "
+                              "line up; rephrase so that base and source differ in single tokens")
+    base_t, source_t = model.to_tokens(base), model.to_tokens(source)
+    g, b = answer_id(good), answer_id(bad)
+    width = cache_site(model, base_t[:1], site).shape[-1]
+    out = {}
+    if kind == "feature":
+        v = dictionary.W_dec[int(feature)].detach().float().to(model.cfg.device)
+        if v.shape[0] != width:
+            raise SteerscopeError(f"feature directions are {v.shape[0]} wide, {site} is {width}; patch at {write_site}")
+        out["direction"] = f"feature {int(feature)} decoder row"
+    else:
+        das = train_das(model, base_t, source_t, torch.full((len(base),), g), site, position=-1, rank=1, steps=int(steps))
+        v, out["direction"] = das.basis[:, 0].to(model.cfg.device), f"DAS rank 1 (interchange accuracy {das.iia:.2f})"
+    reader = default_reader(model, site) if site.endswith("mlp.hook_post") else torch.eye(width)
+    out["report"] = illusion_diagnostics(model, base_t, source_t, site, v, logit_diff(g, b), reader=reader,
+                                         positions=-1 if where == "last token" else None)
+    out["reader"] = "W_out (MLP neurons are read only through it)" if reader.shape[0] != reader.shape[1] else \
+        "the identity: the residual stream is read in full, so v has no invisible part"
+    return out
+
+
+if st.button("Patch", key="patch_run", type="primary", icon=":material/play_arrow:"):
+    with st.spinner("Patching…"):
+        try:
+            with _ui.model_lock():
+                st.session_state.patch_result = run()
+        except SteerscopeError as e:
+            st.session_state.pop("patch_result", None)
+            _ui.fail(e)
+res = st.session_state.get("patch_result")
+if res:
+    r = res["report"]
+    st.markdown(f"**{res['direction']}** at `{r.site}`, positions {list(r.positions) if r.positions else 'all'}")
+    cols = st.columns(4)
+    cols[0].metric("metric on base", f"{r.metric_base:.3f}")
+    cols[1].metric("metric on source", f"{r.metric_source:.3f}")
+    cols[2].metric("effect of patching v", f"{r.effect_v:.2f}")
+    cols[3].metric("effect of the whole site", f"{r.effect_full:.2f}")
+    fig = r.figure()
+    st.plotly_chart(_ui.style(fig, height=320, title=fig.layout.title.text), key="patch_effects")
+    if r.illusion:
+        st.warning("Illusion flagged: the effect is driven by the part of v later layers cannot read (null share "
+                   f"{r.null_share:.2f}), while the readable part alone does little; v may be activating a dormant "
+                   "pathway rather than the variable.", icon=":material/warning:")
+    else:
+        st.success(f"No illusion flagged (null share {r.null_share:.2f}, |v_row|/|v| = {r.row_norm:.2f}).",
+                   icon=":material/check:")
+    st.caption(f"Reader of {r.site}: {res['reader']}.")

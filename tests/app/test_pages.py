@@ -1,0 +1,241 @@
+"""Every dashboard page under Streamlit's AppTest (in-process, no browser), on the tiny stores of conftest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app.store import FeatureStore
+from tests.app.conftest import DASHBOARD, DEAD, EVAL
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def open_app(page: str | None = None, **query: str) -> AppTest:
+    at = AppTest.from_file(str(DASHBOARD), default_timeout=120)
+    for k, v in query.items():
+        at.query_params[k] = v
+    at.run()
+    if page:
+        at.switch_page(f"views/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def html(at: AppTest) -> str:
+    return "\n".join(h.value for h in at.html)
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def frame(at: AppTest, column: str):
+    """The (first) dataframe with this column."""
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
+def titles(at: AppTest) -> list[str]:
+    return [t.value for t in at.title]
+
+
+# ------------------------------------------------------------------ overview and feature
+def test_overview_shows_model_dictionary_eval_and_density(store_env):
+    at = open_app()
+    assert titles(at) == ["Overview"]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["features"] == "128" and metrics["experts"] == "dense"
+    assert metrics["L0"] == "8.0" and metrics["CE score"] == f"{EVAL['ce_score']:.3f}"
+    charts = at.get("plotly_chart")
+    assert len(charts) == 4  # three training curves (loss, fvu, l0) and the density histogram
+    dead = int((FeatureStore.open(store_env["store"]).overview()["n_fired"] == 0).sum())
+    assert dead >= 1 and f"{dead} of 128 features never fired" in texts(at.caption)
+    assert len(at.dataframe[0].value) == 128
+
+
+def test_feature_page_from_url_shows_every_panel(store_env):
+    at = open_app("feature", feature="5")
+    assert titles(at) == ["Feature 5"]
+    f = FeatureStore.open(store_env["store"]).feature(5)
+    assert {m.label: m.value for m in at.metric}["max activation"] == f"{f['max_act']:.3f}"
+    page = html(at)
+    assert page.count('class="ss-text"') >= 2 and 'class="ss-tok"' in page and "activation " in page
+    assert "rgb(249,115,22)" in page  # the top example's own token is at the feature's max: full orange
+    assert len(at.get("plotly_chart")) == 3  # histogram, promoted and suppressed tokens
+    links = [p for p in at.get("page_link")]
+    assert sum("cos" in p.proto.label for p in links) == 10  # neighbours
+
+
+def test_feature_buttons_number_input_and_url(store_env):
+    at = open_app("feature", feature="5")
+    at.button(key="feature_next").click().run()
+    assert titles(at) == ["Feature 6"] and at.query_params["feature"] in ("6", ["6"])
+    at.button(key="feature_prev").click().run()
+    at.button(key="feature_prev").click().run()
+    assert titles(at) == ["Feature 4"]
+    at.number_input(key="feature_id").set_value(0).run()
+    at.button(key="feature_prev").click().run()  # wraps around
+    assert titles(at) == ["Feature 127"] and not at.exception
+    at.button(key="feature_random").click().run()
+    assert titles(at)[0].startswith("Feature ") and not at.exception
+
+
+@pytest.mark.parametrize("bad", ["100000", "-3", "abc"])
+def test_feature_id_out_of_range_in_url_is_a_friendly_warning(store_env, bad):
+    at = open_app("feature", feature=bad)
+    assert "Showing feature 0 instead" in texts(at.warning)
+    assert titles(at) == ["Feature 0"]
+
+
+def test_dead_feature_says_so(store_env):
+    at = open_app("feature", feature=str(DEAD))
+    assert "never fired" in texts(at.info) and not html(at)
+
+
+# ------------------------------------------------------------------ search
+def test_search_text_runs_model_and_dictionary_live(store_env):
+    at = open_app("search")
+    at.text_area(key="search_text").input("Mr. Darcy looked at Elizabeth").run()
+    assert not at.exception
+    page = html(at)
+    assert 'class="ss-tok"' in page and "of max" in page
+    top = frame(at, "of max")
+    assert len(top) == 8 and set(top.columns) >= {"feature", "activation", "of max"}
+    assert len(frame(at, "max of max")) > 0
+    at.selectbox(key="search_pos").set_value(0).run()
+    assert "Top features at token 1" in texts(at.markdown)
+
+
+def test_search_very_long_text_is_cut_with_a_message(store_env):
+    at = open_app("search")
+    at.text_area(key="search_text").input("the weather at Bath " * 400).run()
+    assert not at.exception
+    warned = texts(at.warning)
+    assert "only the first 2,000 are analysed" in warned and "not analysed" in warned  # chars, then tokens
+
+
+def test_search_by_token(store_env):
+    fs = FeatureStore.open(store_env["store"])
+    token = fs.examples(3)[0]["tokens"][fs.examples(3)[0]["center"]]
+    at = open_app("search")
+    at.text_input(key="token_query").input(token).run()
+    assert 3 in set(frame(at, "n_top_examples")["feature"])
+    at.text_input(key="token_query").input("zzzz-not-a-token").run()
+    assert "No feature has" in texts(at.info)
+
+
+# ------------------------------------------------------------------ steer
+def test_steer_url_coefficient_out_of_range_is_clamped(store_env):
+    at = open_app("steer", features="3,5", coeff="500")
+    assert "clamped to 100" in texts(at.warning)
+    assert at.slider(key="coeff_f3").value == 100.0 and at.slider(key="coeff_f5").value == 100.0
+    at = open_app("steer", features="3", coeff="-1e9")
+    assert at.slider(key="coeff_f3").value == -100.0
+
+
+def test_steer_generates_baseline_and_steered_side_by_side(store_env):
+    at = open_app("steer", features="3", coeff="60")
+    at.text_input(key="steer_prompt").input("She walked").run()
+    at.slider(key="steer_tokens").set_value(8).run()
+    at.button(key="steer_run").click().run()
+    assert not at.exception and not at.error
+    gens = [h.value for h in at.html if 'class="ss-gen"' in h.value]
+    assert len(gens) == 2 and all("She walked" in g for g in gens)
+    assert gens[0] != gens[1]  # a coefficient of 60 on a random 64-wide model changes the text
+    at.button(key="steer_run").click().run()  # seeded: the same texts again
+    assert [h.value for h in at.html if 'class="ss-gen"' in h.value] == gens
+
+
+def test_steer_bad_feature_ids_are_reported(store_env):
+    at = open_app("steer", features="3, 999, x")
+    errors = texts(at.error)
+    assert "feature 999 does not exist" in errors and "'x' is not a whole number" in errors
+    assert at.slider(key="coeff_f3").value == 8.0
+
+
+# ------------------------------------------------------------------ experts and patching
+def test_experts_on_a_dense_model_is_a_friendly_message(store_env):
+    at = open_app("experts")
+    assert "is a dense model" in texts(at.info) and not at.get("plotly_chart")
+
+
+def test_experts_score_switch_and_regenerate(store_env, monkeypatch):
+    monkeypatch.setenv("STEERSCOPE_STORE", str(store_env["moe_store"]))
+    at = open_app("experts")
+    at.button(key="experts_score").click().run()
+    assert not at.exception and len(at.get("plotly_chart")) == 1
+    assert len(at.multiselect(key="experts_off").value) == 2  # the top two experts are suggested
+    at.slider(key="experts_tokens").set_value(6).run()
+    at.button(key="experts_generate").click().run()
+    assert not at.exception and not at.error
+    assert sum('class="ss-gen"' in h.value for h in at.html) == 2
+
+
+def test_patching_with_a_feature_and_with_das(store_env):
+    at = open_app("patching")
+    at.button(key="patch_run").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    labels = {m.label for m in at.metric}
+    assert {"effect of patching v", "effect of the whole site"} <= labels
+    assert "illusion" in (texts(at.success) + texts(at.warning)).lower()
+    at.radio(key="patch_dir").set_value("DAS").run()
+    at.slider(key="patch_steps").set_value(10).run()
+    at.button(key="patch_run").click().run()
+    assert not at.exception and "DAS rank 1" in texts(at.markdown)
+
+
+def test_patching_bad_inputs_are_one_line_errors(store_env):
+    at = open_app("patching")
+    at.text_area(key="patch_source").input("a\nb").run()
+    at.button(key="patch_run").click().run()
+    assert "as many source prompts as base prompts" in texts(at.error)
+    at.text_area(key="patch_source").input("Short").run()
+    at.button(key="patch_run").click().run()
+    assert "same number of tokens" in texts(at.error)
+
+
+# ------------------------------------------------------------------ bad stores
+def test_missing_store_directory_is_a_friendly_page(store_env, monkeypatch, tmp_path):
+    monkeypatch.setenv("STEERSCOPE_STORE", str(tmp_path / "nowhere"))
+    at = open_app()
+    assert "does not exist" in texts(at.error) and "steerscope features" in texts(at.markdown)
+
+
+def test_no_store_given_is_a_friendly_page(store_env, monkeypatch):
+    monkeypatch.delenv("STEERSCOPE_STORE")
+    assert "no feature store given" in texts(open_app().error)
+
+
+def test_corrupt_store_is_a_friendly_page(store_env, monkeypatch, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(store_env["store"], bad)
+    (bad / "examples.parquet").write_bytes(b"not parquet")
+    monkeypatch.setenv("STEERSCOPE_STORE", str(bad))
+    assert "examples.parquet is corrupt" in texts(open_app().error)
+    (bad / "meta.json").write_text("{")
+    assert "meta.json is corrupt" in texts(open_app().error)
+
+
+def test_store_mixing_two_builds_is_refused(store_env, monkeypatch, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(store_env["store"], mixed)
+    shutil.copy(store_env["moe_store"] / "logits.parquet", mixed / "logits.parquet")
+    monkeypatch.setenv("STEERSCOPE_STORE", str(mixed))
+    assert "belongs to another dictionary" in texts(open_app().error)
+
+
+def test_store_from_another_dictionary_is_refused_on_live_pages(store_env, monkeypatch):
+    monkeypatch.setenv("STEERSCOPE_DICTIONARY", str(store_env["other_sae"]))
+    at = open_app("search")
+    assert "built from another dictionary" in texts(at.error)
+    at = open_app("feature", feature="1")  # the stored pages still work
+    assert titles(at) == ["Feature 1"]
+
+
+def test_meta_records_the_eval_history_and_dictionary(store_env):
+    meta = json.loads((store_env["store"] / "meta.json").read_text())
+    assert meta["eval"] == EVAL and len(meta["history"]) == 5
+    assert meta["dictionary_path"] == str(store_env["sae"].resolve())
