@@ -224,6 +224,17 @@ def _load_files(spec: str) -> list[str]:
 
 
 # ---------------------------------------------------------------- packing
+def _plain(tokenizer):
+    """A copy without truncation or padding (transformers switches both on in the shared backend tokenizer
+    whenever it pads a batch, which would silently cut every document to the model's context)."""
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
+
+
 def pack(tokenizer, texts: list[str], n_ctx: int, bos_id: int | None = None, eos_id: int | None = None) -> torch.Tensor:
     """Tokenize ``texts``, join them (EOS between documents), and cut into rows of ``n_ctx`` tokens.
 
@@ -231,7 +242,7 @@ def pack(tokenizer, texts: list[str], n_ctx: int, bos_id: int | None = None, eos
     ``tokenizer`` is a ``tokenizers.Tokenizer`` (or a transformers fast tokenizer, e.g. ``model.tokenizer``).
     Returns a LongTensor ``[n_rows, n_ctx]``.
     """
-    tokenizer = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    tokenizer = _plain(getattr(tokenizer, "backend_tokenizer", tokenizer))
     bos_id = tokenizer.token_to_id("<|bos|>") if bos_id is None else bos_id
     eos_id = tokenizer.token_to_id("<|eos|>") if eos_id is None else eos_id
     if bos_id is None or eos_id is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Literal, NamedTuple
 
 import torch
@@ -49,10 +50,12 @@ def resolve_backend(backend: Backend, device: torch.device) -> Literal["torch", 
     """``auto`` -> ``triton`` for CUDA tensors when Triton imports, else ``torch``."""
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "torch"
-    if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' needs the optional 'triton' package (pip install steerscope[gpu])")
     if backend not in ("torch", "triton"):
         raise ValueError(f"unknown backend {backend!r}; expected 'auto', 'torch' or 'triton'")
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("backend='triton' needs the optional 'triton' package (pip install steerscope[gpu])")
+    if backend == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1, set before triton is imported")
     return backend
 
 

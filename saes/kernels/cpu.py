@@ -1,21 +1,24 @@
 """Torch backend (used on CPU; also runs on any device): tiled top-k encoder, sparse decode, sparse grads.
 
-Encoder. The latent dimension is cut into tiles of ``tile`` columns and the rows into chunks, so
-that one block of pre-activations (``rows x tile`` fp32, about 8 MB) lives in the last-level
-cache. Per block:
+Encoder. The latent dimension is cut into tiles of ``tile`` columns and the rows into chunks of
+``rows``, one block (``rows x tile`` fp32, 8 MB by default) at a time; small tiles also make the
+GEMM itself faster than one monolithic call (its output stays in cache). Per block:
 
 1. ``addmm`` writes ``x_chunk @ W_enc[:, tile] + b_enc[tile]`` into a reused buffer;
-2. a cheap vectorised pass takes the maximum of each of ``tile / g`` strided column groups;
-3. ``topk(k + 1)`` over the group maxima picks the ``k`` best groups; every element that can be in
-   the row's top-k lies in them (a group outside them has ``k`` groups whose maxima beat its own);
-4. ``topk(k + 1)`` over the ``k * g`` candidates; the best ``k`` are packed into exact sort keys
-   (:mod:`saes.kernels.keys`) and merged with the running top-k of the row (``topk`` over ``2k`` keys).
+2. a max-pyramid: level ``l + 1`` holds the maxima of strided groups of ``g`` (4) entries of level
+   ``l`` (vectorised ``amax`` passes, about one read of the block in all), with up to 3 levels
+   while a level keeps at least ``2 (k + 1)`` groups;
+3. top-down, ``topk(k)`` at each level picks the ``k`` best groups and their ``k * g`` members are
+   the candidates one level down. Every element of the row's top-k lies in the ``k`` best groups
+   (a group outside them has ``k`` groups whose maxima beat its own), so the selection is exact;
+4. the ``k`` winners are packed into exact sort keys (:mod:`saes.kernels.keys`) and merged with
+   the running top-k of each row (``topk`` over ``2k`` keys).
 
-Rows with a tie at the k-th place (of group maxima or of candidates) fall back to an exact top-k
-over packed keys of the whole tile row, so ties are always broken by the lowest index.
-Memory: ``N * k`` keys plus one block, never ``N x M``. Selection is done on fp32
+Rows where another candidate equals the k-th one at any level fall back to an exact top-k over
+packed keys of the whole tile row, so ties are always broken by the lowest index.
+Memory: ``N * k`` keys plus one block, never ``N x M``. Selection is done on fp32 (fp64 for fp64)
 pre-activations, whatever the input dtype. Cost on top of the GEMM, per row and tile: one
-``amax`` pass over the tile and two ``topk`` over about ``2 * sqrt(tile * k)`` elements.
+``amax`` pass and ``topk`` over about ``tile / 4**levels + levels * 4 * k`` elements.
 
 Backward helpers. The (row, latent) pairs are sorted by latent once (a CSR view of the sparse
 code); ``F.embedding_bag`` over that order with per-sample weights gives dense ``[M, d]``
@@ -24,6 +27,7 @@ gradients for the encoder and decoder weights without atomics and without an ``N
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -38,33 +42,48 @@ BLOCK_ELEMS = 2**21
 DEFAULT_TILE = 8192
 """Latent columns per tile; with ``BLOCK_ELEMS`` this gives 256-row chunks."""
 
-GROUP = 16
-"""Columns per strided group in the candidate pre-filter."""
+GROUP = 4
+"""Group size of one level of the max-pyramid (2 where 4 leaves too few groups)."""
+
+MAX_LEVELS = 3
+"""Levels of the max-pyramid."""
 
 
-def _group_size(width: int, k: int) -> int:
-    """Largest power of two <= GROUP that leaves at least 2 * (k + 1) groups (1: no pre-filter)."""
-    g = GROUP
-    while g > 1 and width // g < 2 * (k + 1):
-        g //= 2
-    return g
+def _levels(width: int, k: int) -> list[int]:
+    """Group sizes of the max-pyramid over a tile: each level keeps at least ``2 * (k + 1)`` groups."""
+    levels, n = [], width
+    while len(levels) < MAX_LEVELS:
+        g = next((g for g in (GROUP, 2) if n // g >= 2 * (k + 1)), 1)
+        if g == 1:
+            break
+        levels.append(g)
+        n //= g
+    return levels
 
 
-def _tile_topk_keys(pre: Tensor, width: int, g: int, k: int, col0: int) -> Tensor:
-    """Exact top-``k`` packed keys of each row of ``pre[:, :width]`` (``pre`` is ``[rows, P]``,
-    ``P = ceil(width / g) * g``, columns from ``width`` on are -inf padding)."""
+def _tile_topk_keys(pre: Tensor, width: int, levels: list[int], k: int, col0: int) -> Tensor:
+    """Exact top-``k`` packed keys of each row of ``pre[:, :width]`` (``pre`` is ``[rows, P]`` with
+    ``P`` a multiple of ``prod(levels)``; columns from ``width`` on are -inf padding)."""
     rows, padded = pre.shape
-    if g == 1:
+    if not levels:
         cols = torch.arange(col0, col0 + width, device=pre.device).expand(rows, width)
         return topk_keys(pack_keys(pre[:, :width], cols), k)
-    n_groups = padded // g
-    gmax = pre.view(rows, g, n_groups).amax(dim=1)
-    gval, gidx = torch.topk(gmax, k + 1, dim=1, sorted=True)
-    steps = torch.arange(0, padded, n_groups, device=pre.device)
-    cand = (gidx[:, :k, None] + steps).reshape(rows, k * g)
-    cval, cpos = torch.topk(pre.gather(1, cand), k + 1, dim=1, sorted=True)
-    keys = pack_keys(cval[:, :k], cand.gather(1, cpos[:, :k]) + col0)
-    tied = ((gval[:, k - 1] == gval[:, k]) | (cval[:, k - 1] == cval[:, k])).nonzero().flatten()
+    pyramid = [pre]  # level l + 1 holds the maxima of strided groups of level l
+    for g in levels:
+        pyramid.append(pyramid[-1].view(rows, g, -1).amax(dim=1))
+    pos = None  # candidate positions in the current level (None: all of it)
+    tied = torch.zeros(rows, dtype=torch.bool, device=pre.device)
+    for level in range(len(levels), -1, -1):
+        cand = pyramid[level] if pos is None else pyramid[level].gather(1, pos)
+        val, at = torch.topk(cand, k, dim=1, sorted=False)
+        tied |= (cand >= val.amin(1, keepdim=True)).sum(1) > k  # another candidate equals the k-th
+        best = at if pos is None else pos.gather(1, at)
+        if level:  # the members of the k best groups are the next level's candidates
+            stride = pyramid[level].shape[1]
+            steps = torch.arange(0, stride * levels[level - 1], stride, device=pre.device)
+            pos = (best[:, :, None] + steps).reshape(rows, -1)
+    keys = pack_keys(val, best + col0)
+    tied = tied.nonzero().flatten()
     if tied.numel():  # a tie at the k-th place: the lowest index must win, redo these rows exactly
         sub = pre[tied]
         cols = torch.arange(col0, col0 + padded, device=pre.device).expand_as(sub)
@@ -92,14 +111,14 @@ def topk_encode_torch(
     dtype = torch.float64 if torch.promote_types(x.dtype, W_enc.dtype) == torch.float64 else torch.float32
     tile = max(min(tile or DEFAULT_TILE, m), min(m, 2 * (k + 1)))
     rows = max(1, min(n, rows or BLOCK_ELEMS // tile))
-    g_full = _group_size(tile, k)
-    buf = torch.empty(rows * (tile + g_full), dtype=dtype, device=x.device)
+    buf = torch.empty(rows * (tile + GROUP**MAX_LEVELS), dtype=dtype, device=x.device)
     xc = x if x.dtype == dtype else None
     state = torch.empty(0, dtype=torch.int64, device=x.device)
     for c0 in range(0, m, tile):
         width = min(tile, m - c0)
-        g = _group_size(width, k)
-        padded = -(-width // g) * g
+        levels = _levels(width, k)
+        unit = math.prod(levels)
+        padded = -(-width // unit) * unit
         w_tile = W_enc[:, c0 : c0 + width].to(dtype)
         b_tile = None if b_enc is None else b_enc[c0 : c0 + width].to(dtype)
         k_tile = min(k, width)
@@ -114,7 +133,7 @@ def topk_encode_torch(
                 torch.addmm(b_tile, xr, w_tile, out=pre[:, :width])
             if padded > width:
                 pre[:, width:] = float("-inf")
-            tops.append(_tile_topk_keys(pre, width, g, k_tile, c0))
+            tops.append(_tile_topk_keys(pre, width, levels, k_tile, c0))
         tile_keys = torch.cat(tops) if len(tops) > 1 else tops[0]
         state = topk_keys(tile_keys if c0 == 0 else torch.cat([state, tile_keys], dim=1), k)
     values, indices = unpack_keys(state)

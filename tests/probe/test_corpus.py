@@ -188,3 +188,14 @@ def test_pack_errors(tokenizer):
         pack(tokenizer, ["short"], n_ctx=64)
     with pytest.raises(SteerscopeError, match="n_ctx must be at least 2"):
         pack(tokenizer, ["short"], n_ctx=1)
+
+
+def test_pack_ignores_truncation_left_in_the_shared_tokenizer(tiny_dense):
+    """TransformerLens tokenization turns on truncation in model.tokenizer's backend; pack must not inherit it."""
+    from probe.corpus import pack
+
+    texts = ["word " * 2000]
+    before = pack(tiny_dense.tokenizer, texts, 64)
+    tiny_dense.to_tokens(["a", "a longer prompt"])  # pads a batch: sets truncation/padding on the backend
+    after = pack(tiny_dense.tokenizer, texts, 64)
+    assert torch.equal(before, after) and before.shape[0] > 20

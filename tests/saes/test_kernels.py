@@ -98,6 +98,21 @@ def test_encode_matches_reference(p, bias):
         check_selection(values, indices, pre, k, TOL[torch.float32])
 
 
+@pytest.mark.parametrize(
+    ("n", "m", "k", "tile", "integer"),
+    [(70, 5000, 32, None, False), (70, 5000, 32, 1000, True), (33, 3001, 128, None, False), (9, 20000, 1, 7000, True)],
+)
+def test_encode_large_latent_counts(n, m, k, tile, integer):
+    """Realistic widths: several tiles, a 3-level max-pyramid, a ragged last tile."""
+    x, W, b, _, _ = make(n, 8, m, integer, m + k, torch.float32)
+    values, indices = topk_encode(x, W.T.contiguous().T, b, k, tile=tile, backend="torch")
+    pre = dense_pre_acts(x.double(), W.double(), b.double())
+    if integer:
+        assert torch.equal(indices, dense_topk_indices(pre, k))
+    else:
+        check_selection(values, indices, pre, k, TOL[torch.float32])
+
+
 @FAST
 @given(problems(max_m=200), st.sampled_from(["relu", "identity"]), st.integers(1, 12))
 def test_sae_forward_and_every_gradient(p, activation, d_out):
