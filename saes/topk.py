@@ -21,6 +21,7 @@ class TopKConfig(DictionaryConfig):
     k: int = 32  # active latents per token
     aux_k: int | None = None  # latents used by AuxK; None: d_in // 2
     aux_coeff: float = 1 / 32  # weight of the AuxK loss
+    fused: bool = True  # train with the fused top-k encoder + sparse decode/backward (saes.kernels; topk only)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,6 +59,8 @@ class TopKSAE(LinearDictionary):
         return self.cfg.k
 
     def training_loss(self, x: Tensor, target: Tensor | None = None, dead: Tensor | None = None, **state) -> tuple[Tensor, DictOutput]:
+        if self.cfg.fused:
+            return fused_topk_loss(self, x, target, dead)
         pre = self.pre_acts(x)
         codes = topk_codes(pre, self.cfg.k)
         recon = self.decode(codes)
@@ -66,3 +69,29 @@ class TopKSAE(LinearDictionary):
         aux = auxk_loss(pre, goal - recon, self.W_dec, dead, self.cfg.aux_k or self.cfg.d_in // 2)
         loss = mse + self.cfg.aux_coeff * aux
         return loss, DictOutput(recon, codes, {"mse": mse.detach(), "auxk": aux.detach()})
+
+
+def fused_topk_loss(sae: LinearDictionary, x: Tensor, target: Tensor | None, dead: Tensor | None,
+                    skip: Tensor | None = None) -> tuple[Tensor, DictOutput]:
+    """The TopK loss through saes.kernels: the N x d_sae pre-activations are never materialised and the
+    backward touches only the selected (row, latent) pairs. Equal to the dense path (tested).
+
+    ``codes`` in the output are dense but built without gradient, for the trainer's L0/firing statistics.
+    """
+    from saes.kernels import auxk_forward, topk_sae_forward
+
+    sae.check_input(x)
+    xin = x - sae.b_dec if sae.cfg.apply_b_dec_to_input and sae.cfg.d_in == sae.cfg.d_out else x
+    out = topk_sae_forward(xin, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.cfg.k)
+    recon = out.x_hat if skip is None else out.x_hat + skip
+    goal = x if target is None else target
+    mse = (recon - goal).pow(2).sum(-1).mean()
+    aux = mse.new_zeros(())
+    if dead is not None and bool(dead.any()):
+        aux_k = sae.cfg.aux_k or sae.cfg.d_out // 2
+        e_hat = auxk_forward(xin, sae.W_enc, sae.b_enc, sae.W_dec, aux_k, dead).x_hat
+        aux = min(1.0, int(dead.sum()) / aux_k) * (e_hat - (goal - recon).detach()).pow(2).sum(-1).mean()
+    with torch.no_grad():
+        codes = torch.zeros(x.shape[0], sae.cfg.d_sae, dtype=out.acts.dtype, device=x.device).scatter_(-1, out.indices, out.acts)
+    loss = mse + sae.cfg.aux_coeff * aux
+    return loss, DictOutput(recon, codes, {"mse": mse.detach(), "auxk": aux.detach()})

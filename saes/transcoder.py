@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from probe.errors import SteerscopeError
 from saes.base import DictionaryConfig, DictOutput, LinearDictionary, register
-from saes.topk import auxk_loss, topk_codes
+from saes.topk import auxk_loss, fused_topk_loss, topk_codes
 
 
 @dataclass
@@ -34,6 +34,7 @@ class TranscoderConfig(DictionaryConfig):
     k: int = 32  # active latents per token (activation="topk")
     aux_k: int | None = None  # latents used by AuxK; None: d_out // 2 (activation="topk")
     aux_coeff: float = 1 / 32  # weight of the AuxK loss (activation="topk")
+    fused: bool = True  # activation="topk": train through the fused top-k kernels (saes.kernels)
     l1_coeff: float = 5.0  # weight of sum_i codes_i * ||W_dec,i|| (activation="relu")
     apply_b_dec_to_input: bool = False  # must stay False: b_dec lives in the target's space
 
@@ -87,6 +88,8 @@ class Transcoder(LinearDictionary):
             raise SteerscopeError(f"a {self.architecture} is trained to predict {self.cfg.target_site} from {self.cfg.site}: "
                                   "training_loss needs target (activations at the target site), got None")
         self.check_input(x, target)
+        if self.cfg.activation == "topk" and self.cfg.fused:
+            return fused_topk_loss(self, x, target, dead, skip=self.skip(x))
         pre = self.pre_acts(x)
         codes = self.activation(pre)
         recon = self.predict(x, codes)

@@ -212,6 +212,9 @@ def test_errors():
         sparse_decode(x[:, :2], torch.zeros(4, 2, dtype=torch.long), Wd, bd[:3])
     with pytest.raises(ValueError, match="backend"):
         topk_encode(x, W, b, 2, backend="cuda")  # type: ignore[arg-type]
+    if os.environ.get("TRITON_INTERPRET") != "1":  # no Triton on CPU tensors without the interpreter
+        with pytest.raises(RuntimeError, match="triton|TRITON_INTERPRET"):
+            topk_encode(x, W, b, 2, backend="triton")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
