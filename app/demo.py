@@ -75,11 +75,12 @@ def _train(store, path: Path, d_sae: int, k: int):
 
 
 def _evaluate(sae, model, path: Path) -> dict:
+    from probe.corpus import load_corpus
     from saes.metrics import evaluate
 
     if (path / "eval.json").exists():
         return json.loads((path / "eval.json").read_text())
-    return evaluate(sae, model, "austen", site=DEMO_SITE, n_contexts=32, out=path)
+    return evaluate(sae, model, load_corpus("austen", split="val"), site=DEMO_SITE, n_contexts=32, out=path)
 
 
 def _features(sae, model, store, path: Path) -> dict:
