@@ -216,11 +216,7 @@ def _import_all() -> None:
     import importlib
 
     for mod in ("relu", "topk", "batchtopk", "jumprelu", "gsae", "transcoder", "snmf"):
-        try:
-            importlib.import_module(f"saes.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"saes.{mod}":
-                raise
+        importlib.import_module(f"saes.{mod}")
 
 
 class LinearDictionary(Dictionary):
