@@ -244,6 +244,7 @@ class RunState:
     scale: float = 1.0  # input scale s
     wall_time_s: float = 0.0  # before this process (resumed runs)
     metrics: dict[str, float] = field(default_factory=dict)  # last logged loss / l0 / fvu / dead_frac / lr
+    history: list[dict[str, float]] = field(default_factory=list)  # every logged step's metrics (training curves)
 
 
 # ---------------------------------------------------------------- dead latents

@@ -294,6 +294,8 @@ class Trainer:
         m = {"loss": float(loss), "l0": float(l0(out.codes)), "fvu": float(fvu(goal, out.recon)),
              "dead_frac": float(self.dead.mask().float().mean()), "lr": self.opt.param_groups[0]["lr"]}
         self.st.metrics = m
+        if not self.st.history or self.st.history[-1]["step"] != self.st.step:
+            self.st.history.append({"step": self.st.step, "tokens": self.st.tokens, **m})
         bar.set_postfix(l0=f"{m['l0']:.1f}", fvu=f"{m['fvu']:.3f}", dead=f"{m['dead_frac']:.1%}", refresh=False)
         if wb is not None:
             wb.log(m, step=self.st.step)
@@ -333,7 +335,8 @@ class Trainer:
         st, model = self.st, self.model
         model.cfg.training = {"config": self.cfg.to_dict(), "n_steps": st.step, "n_tokens_trained": st.tokens,
                               "n_batches": st.batch_index, "n_skipped_nonfinite": st.n_skipped, "input_scale": st.scale,
-                              "world_size": self.dist.world, "wall_time_s": round(st.wall_time_s + wall, 3), **st.metrics}
+                              "world_size": self.dist.world, "wall_time_s": round(st.wall_time_s + wall, 3), **st.metrics,
+                              "history": st.history}
         model.fold_input_scale(st.scale)
         model.eval()
         if self.run.out is not None and self.dist.rank == 0:

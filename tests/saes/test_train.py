@@ -396,3 +396,15 @@ def test_cli_train_and_snmf(tiny_store, tmp_path):
                               "--max-iter", "5", "--out", str(tmp_path / "snmf"), "--no-progress"])
     assert res.exit_code == 0, res.output
     assert load_dictionary(tmp_path / "snmf").cfg.d_sae == 8
+
+
+def test_training_curve_is_recorded_every_log_step():
+    from saes.train import train
+
+    torch.manual_seed(0)
+    X = torch.randn(2048, 16)
+    sae = train("topk", X, d_sae=32, k=4, n_tokens=2048 * 2, batch_size=256, log_every=2, progress=False)
+    hist = sae.cfg.training["history"]
+    assert [h["step"] for h in hist] == list(range(2, 17, 2))
+    assert all({"loss", "l0", "fvu", "dead_frac", "lr"} <= set(h) for h in hist)
+    assert hist[-1]["fvu"] == sae.cfg.training["fvu"]
