@@ -71,7 +71,7 @@ def _train(store, path: Path, d_sae: int, k: int):
     if (path / "weights.safetensors").exists():
         return load_dictionary(path)
     return train("topk", store, site=DEMO_SITE, d_sae=d_sae, k=k, n_tokens=3 * len(store), lr=1e-3,
-                 out=path, model=MODEL)
+                 out=path, model=MODEL, log_every=2)
 
 
 def _evaluate(sae, model, path: Path) -> dict:
