@@ -43,22 +43,18 @@ def features_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Build the feature store of a dictionary (statistics, examples, logit effects, neighbours); prints its summary."""
-    from probe.models import load_model, resolve_device
-    from saes.base import load_dictionary
+    from app.commands_saes import dictionary_and_model
     from saes.features import build_feature_store
 
-    device = resolve_device(device)
-    d = load_dictionary(dictionary, device=device)
-    name = model or d.cfg.model
-    if not name:
-        raise SteerscopeError(f"{dictionary}/cfg.json names no model; pass --model")
+    d, m = dictionary_and_model(dictionary, model, device)
+    name, device = model or d.cfg.model, str(m.cfg.device)
     data = corpus
     if store is not None:
         from probe.store import ActivationStore
 
         data = ActivationStore.open(store)
     out = out or dictionary / "features"
-    meta = build_feature_store(dictionary, load_model(name, device=device), data, out, n_tokens=n_tokens, n_ctx=n_ctx,
+    meta = build_feature_store(dictionary, m, data, out, n_tokens=n_tokens, n_ctx=n_ctx,
                                n_examples=n_examples, n_intervals=n_intervals, per_interval=per_interval,
                                batch_contexts=batch_contexts, model_ref=name, device=device, overwrite=overwrite,
                                progress=progress)

@@ -159,16 +159,23 @@ def eval_cmd(
 ) -> None:
     """Evaluate a dictionary (L0, FVU, dead/dense, CE-loss and KL scores); prints JSON and writes eval.json."""
     from probe.corpus import load_corpus
+    from saes.metrics import evaluate
+
+    d, m = dictionary_and_model(dictionary, model, device)
+    texts = load_corpus(corpus, split or ("val" if corpus == "austen" else "all"))
+    res = evaluate(d, m, texts, site, target_site, ablation=ablation, n_ctx=n_ctx,
+                   n_contexts=n_contexts, batch_size=batch_size, dense_threshold=dense_threshold, out=dictionary)
+    _echo_json(res)
+
+
+def dictionary_and_model(dictionary: Path, model: str | None, device: str | None):
+    """Load a dictionary directory and its model (``model`` or the one its cfg.json names) on one device."""
     from probe.models import load_model, resolve_device
     from saes.base import load_dictionary
-    from saes.metrics import evaluate
 
     device = resolve_device(device)
     d = load_dictionary(dictionary, device=device)
     name = model or d.cfg.model
     if not name:
         raise SteerscopeError(f"{dictionary}/cfg.json names no model; pass --model")
-    texts = load_corpus(corpus, split or ("val" if corpus == "austen" else "all"))
-    res = evaluate(d, load_model(name, device=device), texts, site, target_site, ablation=ablation, n_ctx=n_ctx,
-                   n_contexts=n_contexts, batch_size=batch_size, dense_threshold=dense_threshold, out=dictionary)
-    _echo_json(res)
+    return d, load_model(name, device=device)
