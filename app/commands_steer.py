@@ -12,6 +12,7 @@ from probe.errors import SteerscopeError
 def register(app: typer.Typer) -> None:
     app.command("steer")(steer_cmd)
     app.command("experts")(experts_cmd)
+    app.command("compare")(compare_cmd)
 
 
 def steer_cmd(
@@ -27,8 +28,16 @@ def steer_cmd(
     sample: bool = typer.Option(False, help="sample (temperature 0.8, seeded) instead of greedy"),
     seed: int = typer.Option(0, help="sampling seed (the same for both runs)"),
     save: Path = typer.Option(None, help="also save the vector to this directory"),
+    sweep: str = typer.Option(None, help="comma-separated coefficients, e.g. 0,2,4,8,16: instead of one continuation, "
+                                         "print topic-word frequency ratio, off-target perplexity ratio and KL per "
+                                         "coefficient (needs --words)"),
+    words: str = typer.Option(None, help="with --sweep: comma-separated topic words to count, e.g. love,heart,happy"),
+    prompts: Path = typer.Option(None, help="with --sweep: a file of prompts, one per line (default: PROMPT only)"),
+    samples: int = typer.Option(4, help="with --sweep: sampled continuations per prompt"),
+    plot: Path = typer.Option(None, help="with --sweep: save the sweep chart here (.html)"),
 ) -> None:
-    """Print the steered continuation next to the unsteered one (same seed)."""
+    """Print the steered continuation next to the unsteered one (same seed), or with --sweep a table of effects
+    across coefficients."""
     from probe.models import load_model
     from steering import SteeringVector, generate
 
@@ -41,6 +50,10 @@ def steer_cmd(
         raise SteerscopeError("give --add and --sub (ActAdd) or --vector DIR")
     if save is not None:
         v.save(save)
+    if sweep is not None:
+        _sweep(m, v, sweep, words, _lines(prompts) if prompts is not None else [prompt], samples, max_new_tokens,
+               seed, plot)
+        return
     kw = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=0.8, seed=seed)
     base = generate(m, prompt, **kw)
     steered = generate(m, prompt, steer=[v], mode=mode, **kw)
@@ -68,6 +81,116 @@ def experts_cmd(
     if plot is not None:
         scores.heatmap(by).write_html(str(plot))
         typer.echo(f"heatmap: {plot}")
+
+
+def _sweep(m, v, sweep: str, words: str | None, prompts: list[str], samples: int, max_new_tokens: int, seed: int,
+           plot: Path | None) -> None:
+    from probe import load_corpus
+    from steering.effects import coefficient_sweep
+
+    try:
+        coeffs = [float(c) for c in sweep.split(",") if c.strip()]
+    except ValueError as e:
+        raise SteerscopeError(f"--sweep wants comma-separated numbers, got {sweep!r}") from e
+    topic = [w.strip() for w in (words or "").split(",") if w.strip()]
+    if not topic:
+        raise SteerscopeError("--sweep needs --words (comma-separated topic words to count)")
+    off_target = [doc[:400] for doc in load_corpus("austen", split="val")[:8]]
+    rows = coefficient_sweep(m, v, coeffs, prompts, topic, off_target, samples=samples, max_new_tokens=max_new_tokens,
+                             seed=seed)
+    typer.echo(f"{v!r}\n{len(prompts)} prompt(s) x {samples} samples x {max_new_tokens} tokens; topic words: "
+               f"{', '.join(topic)}; off-target text: 8 val-split chapter openings")
+    typer.echo(f"{'coeff':>7} {'topic':>6} {'base':>5} {'freq ratio':>10} {'~95% band':>14} {'ppl ratio':>9} {'KL':>7}")
+    for r in rows:
+        typer.echo(f"{r.coeff:>7g} {r.topic_words:>6} {r.baseline_words:>5} {r.freq_ratio:>10.2f} "
+                   f"{f'{r.freq_ratio_lo:.2f}-{r.freq_ratio_hi:.2f}':>14} {r.ppl_ratio:>9.3f} {r.kl:>7.3f}")
+    if plot is not None:
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("topic-word frequency ratio", "off-target perplexity ratio"))
+        xs = [r.coeff for r in rows]
+        fig.add_trace(go.Scatter(x=xs, y=[r.freq_ratio for r in rows], mode="lines+markers", name="frequency ratio",
+                                 error_y=dict(type="data", symmetric=False,
+                                              array=[r.freq_ratio_hi - r.freq_ratio for r in rows],
+                                              arrayminus=[r.freq_ratio - r.freq_ratio_lo for r in rows])), row=1, col=1)
+        fig.add_trace(go.Scatter(x=xs, y=[r.ppl_ratio for r in rows], mode="lines+markers", name="perplexity ratio"),
+                      row=1, col=2)
+        fig.update_xaxes(title_text="coefficient")
+        fig.update_layout(title=repr(v), height=380)
+        fig.write_html(str(plot))
+        typer.echo(f"plot: {plot}")
+
+
+def compare_cmd(
+    dictionary: list[Path] = typer.Argument(..., help="saved dictionaries (e.g. an SAE and an SNMF) whose best "
+                                                      "feature per concept is compared with diff-in-means"),
+    model: str = typer.Option("austen-dense", help="zoo name, TL name or local HF dir"),
+    concept: list[str] = typer.Option(None, help="'name: word word ...' (repeatable); default: six Austen concepts"),
+    dim_site: str = typer.Option(None, help="site of the diff-in-means vector (default: the first dictionary's "
+                                            "decoder site)"),
+    kl: list[float] = typer.Option([0.05, 0.1, 0.25, 0.5], help="target next-token KLs (nats; repeatable)"),
+    n_select: int = typer.Option(256, help="128-token val contexts used to choose features and diff-in-means"),
+    n_prompts: int = typer.Option(64, help="prompts for KL calibration (val) and for scoring (test)"),
+    plot: Path = typer.Option(None, help="save the gain-vs-KL chart (mean over concepts) here, as .html"),
+    json_out: Path = typer.Option(None, "--json", help="save every row here as JSON"),
+) -> None:
+    """Steer with diff-in-means and with each dictionary's best feature for a concept, at matched KL, and print
+    how much each raises the log-probability mass of the concept's tokens (SNMF paper's causal evaluation)."""
+    import json
+    import statistics
+
+    from probe import load_corpus
+    from probe.models import load_model
+    from saes.base import load_dictionary
+    from steering.compare import AUSTEN_CONCEPTS, Matched, concept_comparison, figure
+
+    m = load_model(model)
+    dicts = {}
+    for path in dictionary:
+        d = load_dictionary(path)
+        dicts[f"{d.architecture} ({path.name})"] = d
+    concepts = _concepts(concept) if concept else AUSTEN_CONCEPTS
+    first = next(iter(dicts.values()))
+    site = dim_site or first.cfg.target_site or first.cfg.site
+    if site.endswith("mlp.hook_post") and first.architecture == "snmf":
+        site = site.replace("mlp.hook_post", "hook_mlp_out")
+    results = concept_comparison(m, dicts, concepts, load_corpus("austen", split="val"),
+                                 load_corpus("austen", split="val"), load_corpus("austen", split="test"),
+                                 site, kl, n_select=n_select, n_prompts=n_prompts)
+    typer.echo(f"{'concept':<12} {'direction':<28} {'feature':>8} {'d':>6} {'KL':>6} {'coeff':>8} {'eval KL':>8} "
+               f"{'gain':>7} {'± se':>6}")
+    for res in results:
+        for r in res.rows:
+            feat, d = res.features.get(r.name, ("-", float("nan")))
+            typer.echo(f"{res.concept:<12} {r.name:<28} {feat!s:>8} {d:>6.2f} {r.target_kl:>6.3g} {r.coeff:>8.3f} "
+                       f"{r.eval_kl:>8.3f} {r.gain:>+7.3f} {r.gain_se:>6.3f}")
+    names = list(dict.fromkeys(r.name for res in results for r in res.rows))
+    typer.echo(f"\nmean concept gain over {len(results)} concepts (nats):")
+    mean_rows = []
+    for name in names:
+        for t in kl:
+            gains = [r.gain for res in results for r in res.rows if r.name == name and r.target_kl == t]
+            mean_rows.append(Matched(name, t, float("nan"), t, float("nan"), statistics.mean(gains), float("nan")))
+        typer.echo(f"  {name:<28} " + "  ".join(f"KL {r.target_kl:g}: {r.gain:+.3f}" for r in mean_rows[-len(kl):]))
+    if plot is not None:
+        figure(mean_rows, f"Concept gain at matched KL (mean over {len(results)} concepts)").write_html(str(plot))
+        typer.echo(f"plot: {plot}")
+    if json_out is not None:
+        rows = [{"concept": res.concept, "words": res.words, "feature": res.features.get(r.name, (None,))[0],
+                 **r._asdict()} for res in results for r in res.rows]
+        json_out.write_text(json.dumps(rows, indent=1) + "\n")
+        typer.echo(f"rows: {json_out}")
+
+
+def _concepts(specs: list[str]) -> dict[str, list[str]]:
+    out = {}
+    for spec in specs:
+        name, sep, words = spec.partition(":")
+        if not sep or not name.strip() or not words.split():
+            raise SteerscopeError(f"--concept {spec!r}: write it as 'name: word word ...'")
+        out[name.strip()] = words.split()
+    return out
 
 
 def _lines(path: Path) -> list[str]:

@@ -97,7 +97,7 @@ def next_token_kl(model, prompts: Sequence[str], vectors: Sequence[SteeringVecto
 def target_logprob_shift(model, prompts: Sequence[str], targets: Sequence[str | int],
                          vectors: Sequence[SteeringVector], batch_size: int = 32) -> float:
     """Mean change in next-token log-prob of the ``targets`` (single tokens) after each prompt."""
-    ids = [_token_id(model, t) for t in targets]
+    ids = [token_id(model, t) for t in targets]
     if not ids:
         raise SteerscopeError("no target tokens given")
     base = next_token_logprobs(model, prompts, (), batch_size)
@@ -150,7 +150,8 @@ def _rate(count: int, total: int) -> float:
     return 1000.0 * count / total if total else 0.0
 
 
-def _token_id(model, target: str | int) -> int:
+def token_id(model, target: str | int) -> int:
+    """The id of a single-token string (or a checked id)."""
     if isinstance(target, int) and not isinstance(target, bool):
         if not 0 <= target < model.cfg.d_vocab:
             raise SteerscopeError(f"target token id {target} out of range (vocabulary {model.cfg.d_vocab})")
@@ -166,3 +167,50 @@ def _chunks(items: Sequence[str], size: int):
     if not items:
         raise SteerscopeError("the prompt list is empty")
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class SweepRow(NamedTuple):
+    coeff: float
+    topic_words: int  # topic-word occurrences in the steered continuations
+    baseline_words: int  # ... in the unsteered ones (the same prompts and seed)
+    freq_ratio: float  # steered / unsteered rate of topic words per word
+    freq_ratio_lo: float  # the ratio's ~95% band from Poisson counts: exp(log r -/+ 2 sqrt(1/s + 1/b))
+    freq_ratio_hi: float
+    ppl_ratio: float  # off-target perplexity ratio, injected positions masked
+    kl: float  # mean next-token KL on the prompts
+
+
+def coefficient_sweep(model, vector: SteeringVector, coeffs: Sequence[float], prompts: Sequence[str],
+                      words: Sequence[str], off_target: Sequence[str], samples: int = 4, max_new_tokens: int = 40,
+                      seed: int = 0, mode: str | None = None) -> list[SweepRow]:
+    """ActAdd-style evaluation of ``vector`` at each coefficient: topic-word frequency ratio in sampled
+    continuations (``samples`` per prompt, temperature 1, top-p 0.95, same seed for every row), off-target
+    perplexity ratio, and next-token KL on the prompts. ``mode`` defaults to "prompt" for positional
+    (ActAdd) vectors and "all" for [d] vectors."""
+    from steering.apply import generate
+
+    prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
+    if not prompts:
+        raise SteerscopeError("the prompt list is empty")
+    if not coeffs:
+        raise SteerscopeError("no coefficients to sweep")
+    mode = mode or ("prompt" if vector.positional else "all")
+    batch = [p for p in prompts for _ in range(samples)]
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=0.95, seed=seed)
+    baseline = generate(model, batch, **kw)
+    base_counts, base_total = count_words(baseline, words)
+    b = sum(base_counts.values())
+    rows = []
+    for c in coeffs:
+        v = vector.with_coeff(float(c))
+        texts = baseline if c == 0 else generate(model, batch, steer=[v], mode=mode, **kw)
+        counts, total = count_words(texts, words)
+        s = sum(counts.values())
+        rs, rb = _rate(s, total), _rate(b, base_total)
+        ratio = rs / rb if rb > 0 else (math.inf if rs > 0 else math.nan)
+        band = 2 * math.sqrt(1 / s + 1 / b) if s and b else math.nan
+        lo, hi = (ratio * math.exp(-band), ratio * math.exp(band)) if math.isfinite(band) else (math.nan, math.nan)
+        ppl = perplexity_ratio(model, off_target, [v]).ratio
+        kl = float(next_token_kl(model, prompts, [v]).mean())
+        rows.append(SweepRow(float(c), s, b, ratio, lo, hi, ppl, kl))
+    return rows

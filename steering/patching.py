@@ -221,6 +221,58 @@ def logit_diff(good, bad, position: int = -1) -> Metric:
     return metric
 
 
+@dataclass(frozen=True)
+class PatchingGrid:
+    """Effects of full activation patches, one (site, position) at a time, as fractions of the source-base gap.
+
+    ``effects[i, j]`` = (metric(base with sites[i] at position j from source) - metric(base)) / (metric(source) -
+    metric(base)): 1 means that activation alone carries the source's behaviour, 0 that it carries none of it.
+    """
+
+    sites: list[str]
+    positions: list[int]
+    effects: torch.Tensor  # [len(sites), len(positions)]
+    metric_base: float
+    metric_source: float
+
+    def figure(self, labels: Sequence[str] | None = None):
+        """A plotly heatmap (sites down, positions across; ``labels`` name the positions)."""
+        import plotly.graph_objects as go
+
+        x = [f"{p}: {t}" for p, t in zip(self.positions, labels, strict=True)] if labels is not None else self.positions
+        fig = go.Figure(go.Heatmap(z=self.effects.tolist(), x=x, y=self.sites, zmid=0, colorscale="RdBu",
+                                   colorbar=dict(title="effect"), text=[[f"{v:.2f}" for v in row] for row in
+                                                                         self.effects.tolist()],
+                                   texttemplate="%{text}"))
+        fig.update_layout(title="Activation patching: fraction of the source − base metric gap", yaxis_autorange="reversed",
+                          height=max(300, 40 * len(self.sites) + 150))
+        return fig
+
+
+def patching_grid(model, base_tokens, source_tokens, sites, metric: Metric,
+                  positions: Sequence[int] | None = None) -> PatchingGrid:
+    """Activation patching at every resolved site (a name, glob or list) and every position (default: all)."""
+    from probe.sites import resolve
+
+    base, source = paired_tokens(model, base_tokens, source_tokens)
+    names = resolve(model, sites)
+    with torch.no_grad():
+        m_base, m_src = float(metric(model(base))), float(metric(model(source)))
+    gap = m_src - m_base
+    if abs(gap) < 1e-9:
+        raise SteerscopeError("the metric is the same on base and source runs, so no patch effect can be measured; "
+                              "choose pairs that differ in the behaviour")
+    pos = list(range(base.shape[1])) if positions is None else [p % base.shape[1] for p in _positions(positions)]
+    effects = torch.zeros(len(names), len(pos))
+    for i, site in enumerate(names):
+        h_s = cache_site(model, source, site)
+        for j, p in enumerate(pos):
+            with torch.no_grad():
+                m = float(metric(patched_logits(model, site, (p,), base, h_s, Patch.full(site).mix)))
+            effects[i, j] = (m - m_base) / gap
+    return PatchingGrid(names, pos, effects, m_base, m_src)
+
+
 # ----------------------------------------------------------------------------------------------- illusion
 
 

@@ -41,3 +41,20 @@ def test_experts_on_a_dense_model_is_refused(tmp_path):
     res = runner.invoke(app, ["experts", str(beh), str(beh), "--model", "austen-dense"])
     msg = str(res.exception)
     assert res.exit_code != 0 and ("MoE" in msg or "expert" in msg.lower()), msg
+
+
+def test_steer_sweep_table(tmp_path):
+    res = runner.invoke(app, ["steer", "She walked into the room and", "--add", "Love", "--sub", "Hate", "--sweep", "0,8",
+                              "--words", "love,heart,happy,the", "--samples", "2", "--max-new-tokens", "8",
+                              "--plot", str(tmp_path / "s.html")])
+    assert res.exit_code == 0, res.output
+    rows = [ln.split() for ln in res.output.splitlines() if ln.strip()[:1].isdigit() and len(ln.split()) == 7]
+    assert [r[0] for r in rows] == ["0", "8"] and rows[0][3] == "1.00" and rows[0][5] == "1.000"
+    assert (tmp_path / "s.html").exists()
+
+
+def test_steer_sweep_bad_inputs():
+    res = runner.invoke(app, ["steer", "Hello", "--add", "Love", "--sub", "Hate", "--sweep", "0,4"])
+    assert "--words" in str(res.exception)
+    res = runner.invoke(app, ["steer", "Hello", "--add", "Love", "--sub", "Hate", "--sweep", "0,x", "--words", "love"])
+    assert "comma-separated numbers" in str(res.exception)

@@ -136,3 +136,28 @@ def test_effects_bad_inputs(model, flat):
     long = SteeringVector.actadd(model, "I talk about weddings constantly", "Hate", layer=1)
     with pytest.raises(SteerscopeError, match="longer than the prompt"):
         perplexity_ratio(model, ["Mr. Darcy"], [long])
+
+
+def test_coefficient_sweep_rows(model):
+    import re
+    from collections import Counter
+
+    from steering.apply import generate
+    from steering.effects import coefficient_sweep
+
+    v = SteeringVector.actadd(model, "Love", "Hate", layer=1)
+    prompts = ["The weather at Bath", "Mr. Darcy"]
+    base = generate(model, [p for p in prompts for _ in range(2)], max_new_tokens=12, do_sample=True, temperature=1.0,
+                    top_p=0.95, seed=0)  # what the sweep's baseline will be: count its commonest words
+    common = [w for w, _ in Counter(re.findall(r"[a-z0-9]+", " ".join(base).lower())).most_common(3)]
+    rows = coefficient_sweep(model, v, [0, 4], prompts, common,
+                             ["It is a truth universally acknowledged that a single man"], samples=2, max_new_tokens=12)
+    zero, four = rows
+    # coefficient 0 reuses the baseline: every ratio is exactly 1 and the KL 0
+    assert (zero.coeff, zero.freq_ratio, zero.ppl_ratio, zero.kl) == (0.0, 1.0, 1.0, 0.0)
+    assert zero.topic_words == zero.baseline_words == four.baseline_words
+    assert four.kl > 0 and four.ppl_ratio != 1.0
+    if four.topic_words and four.baseline_words:
+        assert four.freq_ratio_lo < four.freq_ratio < four.freq_ratio_hi
+    with pytest.raises(SteerscopeError, match="empty"):
+        coefficient_sweep(model, v, [1], [], ["the"], ["text"])

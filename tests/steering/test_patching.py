@@ -21,6 +21,7 @@ from steering.patching import (
     illusion_diagnostics,
     logit_diff,
     patch,
+    patching_grid,
     run_patch,
     split_direction,
     subspace_patch,
@@ -234,3 +235,22 @@ def test_diagnostics_bad_inputs(model, pair):
         illusion_diagnostics(model, base, base, POST, torch.randn(32), metric)
     with pytest.raises(SteerscopeError, match="non-zero"):
         illusion_diagnostics(model, base, source, POST, torch.zeros(32), metric)
+
+
+def test_patching_grid_invariants(model):
+    base = torch.tensor([[1, 5, 7, 9, 11, 13]])
+    source = base.clone()
+    source[0, 2] = 8
+    metric = logit_diff(3, 4)
+    grid = patching_grid(model, base, source, ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post"], metric)
+    assert grid.sites == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post"] and grid.positions == list(range(6))
+    first, last = grid.effects.tolist()
+    # rotary model: resid_pre of layer 0 is the token embedding, equal wherever the tokens are equal
+    assert [e for j, e in enumerate(first) if j != 2] == [0.0] * 5 and first[2] != 0
+    # the final residual stream at the read position carries everything; elsewhere nothing
+    assert last[5] == pytest.approx(1, abs=1e-5) and last[:5] == [0.0] * 5
+    direct = float(run_patch(model, Patch.full("blocks.0.hook_resid_pre", 2), base, source, metric))
+    assert first[2] == pytest.approx((direct - grid.metric_base) / (grid.metric_source - grid.metric_base), rel=1e-5)
+    assert isinstance(grid.figure(), go.Figure)
+    with pytest.raises(SteerscopeError, match="same on base and source"):
+        patching_grid(model, base, base, "blocks.0.hook_resid_pre", metric)

@@ -1,0 +1,137 @@
+"""``steerscope patch``: activation-patching grids, and subspace patches with illusion diagnostics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from probe.errors import SteerscopeError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("patch")(patch_cmd)
+
+
+def patch_cmd(
+    base: str = typer.Argument(None, help="base prompt: the run that gets patched"),
+    source: str = typer.Argument(None, help="source prompt (as many tokens as BASE): where the activations come from"),
+    good: str = typer.Option(..., help="token the source favours, e.g. ' she'; metric = logit[good] - logit[bad] at "
+                                       "the last position"),
+    bad: str = typer.Option(..., help="token the base favours, e.g. ' he'"),
+    model: str = typer.Option("austen-dense", help="zoo name, TL name or local HF dir"),
+    pairs: Path = typer.Option(None, help="TSV file, one 'base<TAB>source' pair per line (instead of BASE SOURCE)"),
+    site: list[str] = typer.Option(["blocks.*.hook_resid_pre"], help="sites to patch: names or globs (repeatable)"),
+    direction: Path = typer.Option(None, help="a saved steering vector or patch directory: patch only along it "
+                                              "(subspace patching); at blocks.L.mlp.hook_post also run the illusion "
+                                              "diagnostics"),
+    position: list[int] = typer.Option(None, help="with --direction: positions to patch (repeatable; default all)"),
+    plot: Path = typer.Option(None, help="save the heatmap (or the diagnostics bar chart) here, as .html"),
+) -> None:
+    """Activation patching: print, for each site and position, the fraction of the source − base metric gap that
+    patching that one activation from the source run recovers; save it as a heatmap. With --direction, patch a
+    subspace instead and report how much of its effect rides on directions downstream weights cannot read."""
+    from probe.models import load_model
+    from steering.effects import token_id
+    from steering.patching import logit_diff, paired_tokens
+
+    m = load_model(model)
+    bases, sources = _pairs(base, source, pairs)
+    tokens = _tokens(m, bases + sources)  # one length for all, so base and source align by position
+    base_t, source_t = paired_tokens(m, tokens[: len(bases)], tokens[len(bases) :])
+    metric = logit_diff(token_id(m, good), token_id(m, bad))
+    if direction is None:
+        _grid(m, base_t, source_t, site, metric, plot)
+    else:
+        _subspace(m, base_t, source_t, site, direction, position or None, metric, plot)
+
+
+def _pairs(base: str | None, source: str | None, pairs: Path | None) -> tuple[list[str], list[str]]:
+    if pairs is not None:
+        if base is not None or source is not None:
+            raise SteerscopeError("give BASE SOURCE or --pairs FILE, not both")
+        if not pairs.is_file():
+            raise SteerscopeError(f"{pairs} does not exist")
+        rows = [ln.split("\t") for ln in pairs.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        bad = [i + 1 for i, r in enumerate(rows) if len(r) != 2 or not all(s.strip() for s in r)]
+        if not rows or bad:
+            raise SteerscopeError(f"{pairs}: want one 'base<TAB>source' pair per line (bad lines: {bad[:5] or 'none'})")
+        return [r[0] for r in rows], [r[1] for r in rows]
+    if not base or not source:
+        raise SteerscopeError("give a BASE and a SOURCE prompt (or --pairs FILE)")
+    return [base], [source]
+
+
+def _tokens(model, prompts: list[str]):
+    """Token ids of prompts that all have the same length (no padding may sit under the metric)."""
+    rows = [model.to_tokens(p)[0] for p in prompts]
+    lengths = sorted({len(r) for r in rows})
+    if len(lengths) > 1:
+        raise SteerscopeError(f"base and source prompts must have the same number of tokens (found lengths {lengths}); "
+                              "patching aligns them by position")
+    import torch
+
+    return torch.stack(rows)
+
+
+def _grid(m, base_t, source_t, sites, metric, plot: Path | None) -> None:
+    from steering.patching import patching_grid
+
+    grid = patching_grid(m, base_t, source_t, sites, metric)
+    b_str, s_str = m.to_str_tokens(base_t[0]), m.to_str_tokens(source_t[0])
+    labels = [b if b == s else f"{b}/{s}" for b, s in zip(b_str, s_str, strict=True)]
+    typer.echo(f"metric (logit diff, mean over {base_t.shape[0]} pair(s)): base {grid.metric_base:+.3f}, "
+               f"source {grid.metric_source:+.3f}")
+    width = max(len(s) for s in grid.sites)
+    cols = [repr(t)[1:-1][:9] for t in labels]
+    typer.echo(f"{'site':<{width}}  " + " ".join(f"{c:>9}" for c in cols))
+    for name, row in zip(grid.sites, grid.effects.tolist(), strict=True):
+        typer.echo(f"{name:<{width}}  " + " ".join(f"{v:>9.2f}" for v in row))
+    typer.echo("effect = fraction of the source − base gap recovered by patching that one activation")
+    if plot is not None:
+        grid.figure(labels).write_html(str(plot))
+        typer.echo(f"plot: {plot}")
+
+
+def _subspace(m, base_t, source_t, sites, path: Path, positions, metric, plot: Path | None) -> None:
+    import torch
+
+    from probe.sites import resolve_one
+    from steering import Patch, SteeringVector, illusion_diagnostics, run_patch
+
+    if (path / "patch.json").exists():
+        p = Patch.load(path)
+        if positions is not None:
+            p = Patch(p.site, p.basis, positions)
+    elif (path / "vector.json").exists():
+        v = SteeringVector.load(path)
+        if v.positional:
+            raise SteerscopeError(f"{path} is a positional (ActAdd) vector; subspace patching needs one direction [d]")
+        p = Patch.direction(v.site, v.tensor, positions)
+    else:
+        raise SteerscopeError(f"{path} is neither a saved patch (patch.json) nor a steering vector (vector.json)")
+    if sites != ["blocks.*.hook_resid_pre"] and [resolve_one(m, s) for s in sites] != [resolve_one(m, p.site)]:
+        raise SteerscopeError(f"--site {sites} does not match the direction's own site {p.site!r}")
+    site = resolve_one(m, p.site)
+    if p.basis is not None and p.rank == 1 and site.endswith("mlp.hook_post"):
+        report = illusion_diagnostics(m, base_t, source_t, site, p.basis[:, 0], metric, positions=p.positions)
+        typer.echo(repr(report))
+        fig = report.figure()
+    else:
+        import plotly.graph_objects as go
+
+        with_base = run_patch(m, Patch.full(site, p.positions), base_t, source_t, metric)
+        with torch.no_grad():
+            m_base, m_src = (float(metric(m(t))) for t in (base_t, source_t))
+        gap = m_src - m_base
+        if abs(gap) < 1e-9:
+            raise SteerscopeError("the metric is the same on base and source runs; choose pairs that differ")
+        e_full = (float(with_base) - m_base) / gap
+        e_sub = (float(run_patch(m, p, base_t, source_t, metric)) - m_base) / gap
+        typer.echo(f"{p!r}\nmetric: base {m_base:+.3f}, source {m_src:+.3f}\n"
+                   f"effect (fraction of the gap): whole site {e_full:.3f}, subspace {e_sub:.3f}")
+        fig = go.Figure(go.Bar(x=["whole site", f"subspace (rank {p.rank})"], y=[e_full, e_sub]))
+        fig.update_layout(title=f"Patching at {site}", yaxis_title="fraction of source − base metric gap")
+    if plot is not None:
+        fig.write_html(str(plot))
+        typer.echo(f"plot: {plot}")

@@ -1,0 +1,90 @@
+"""`steerscope patch` and `steerscope compare` on the bundled dense model (tables, plots, one-line errors)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from app.cli import app
+from probe.errors import SteerscopeError
+from saes.base import REGISTRY
+from steering import SteeringVector
+
+runner = CliRunner()
+BASE, SOURCE = "Mr. Darcy came in and", "Mrs. Darcy came in and"
+
+
+def _rows(output: str) -> dict[str, list[float]]:
+    return {ln.split()[0]: [float(v) for v in ln.split()[1:]] for ln in output.splitlines() if ln.startswith("blocks.")}
+
+
+def test_patch_grid_table_and_plot(tmp_path):
+    res = runner.invoke(app, ["patch", BASE, SOURCE, "--good", " she", "--bad", " he", "--plot", str(tmp_path / "g.html")])
+    assert res.exit_code == 0, res.output
+    rows = _rows(res.output)
+    assert list(rows) == [f"blocks.{i}.hook_resid_pre" for i in range(4)]
+    # layer 0: the residual stream is the token embedding, so only the differing token carries the whole effect
+    first = rows["blocks.0.hook_resid_pre"]
+    assert first[1] == pytest.approx(1.0, abs=0.01) and [v for i, v in enumerate(first) if i != 1] == [0.0] * 6
+    assert (tmp_path / "g.html").exists()
+
+
+def test_patch_along_a_direction_runs_the_illusion_diagnostics(tmp_path):
+    torch.manual_seed(0)
+    SteeringVector("blocks.0.mlp.hook_post", torch.randn(1024)).save(tmp_path / "v")
+    res = runner.invoke(app, ["patch", BASE, SOURCE, "--good", " she", "--bad", " he", "--direction",
+                              str(tmp_path / "v"), "--position", "1", "--plot", str(tmp_path / "bars.html")])
+    assert res.exit_code == 0, res.output
+    assert "IllusionReport(blocks.0.mlp.hook_post" in res.output and "null_share=" in res.output
+    SteeringVector("blocks.1.hook_resid_pre", torch.randn(256)).save(tmp_path / "r")
+    res = runner.invoke(app, ["patch", BASE, SOURCE, "--good", " she", "--bad", " he", "--direction", str(tmp_path / "r")])
+    assert res.exit_code == 0 and "subspace" in res.output, res.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["Mr. Darcy came", "Mrs. Darcy came in and"], "same number of tokens"),
+    (["Mr. Darcy came", "Mr. Darcy came"], "same on base and source"),
+    (["Mr. Darcy came"], "give a BASE and a SOURCE"),
+])
+def test_patch_bad_inputs(args, message):
+    res = runner.invoke(app, ["patch", *args, "--good", " she", "--bad", " he"])
+    assert res.exit_code != 0 and isinstance(res.exception, SteerscopeError) and message in str(res.exception)
+
+
+def test_patch_bad_pairs_file_and_direction(tmp_path):
+    (tmp_path / "p.tsv").write_text("only one column\n")
+    res = runner.invoke(app, ["patch", "--pairs", str(tmp_path / "p.tsv"), "--good", " she", "--bad", " he"])
+    assert "base<TAB>source" in str(res.exception)
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["patch", BASE, SOURCE, "--good", " she", "--bad", " he", "--direction",
+                              str(tmp_path / "empty")])
+    assert "neither a saved patch" in str(res.exception)
+
+
+def _random_sae(path):
+    cls = REGISTRY["topk"]
+    torch.manual_seed(0)
+    cls.from_config(cls.Config(d_in=256, d_sae=64, k=4, site="blocks.2.hook_mlp_out", model="austen-dense")).save(path)
+
+
+def test_compare_rows_are_matched_in_kl(tmp_path):
+    _random_sae(tmp_path / "sae")
+    res = runner.invoke(app, ["compare", str(tmp_path / "sae"), "--concept", "family: sister mother",
+                              "--kl", "0.1", "--n-select", "8", "--n-prompts", "8", "--json", str(tmp_path / "r.json"),
+                              "--plot", str(tmp_path / "c.html")])
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["name"] for r in rows] == ["diff-in-means", "topk (sae)"]
+    assert all(abs(r["kl"] - 0.1) <= 0.002 and r["words"] == ["sister", "mother"] for r in rows)
+    assert rows[1]["feature"] in range(64) and (tmp_path / "c.html").exists()
+
+
+def test_compare_bad_concepts(tmp_path):
+    _random_sae(tmp_path / "sae")
+    res = runner.invoke(app, ["compare", str(tmp_path / "sae"), "--concept", "no colon here"])
+    assert "name: word word" in str(res.exception)
+    res = runner.invoke(app, ["compare", str(tmp_path / "sae"), "--concept", "junk: xqzjvwpk", "--n-select", "4"])
+    assert "single token" in str(res.exception)
