@@ -33,6 +33,8 @@ def steer_cmd(
                                          "coefficient (needs --words)"),
     words: str = typer.Option(None, help="with --sweep: comma-separated topic words to count, e.g. love,heart,happy"),
     prompts: Path = typer.Option(None, help="with --sweep: a file of prompts, one per line (default: PROMPT only)"),
+    openings: int = typer.Option(0, help="with --sweep: also use this many paragraph openings (first 8 words) from "
+                                         "the test split of the Austen corpus as prompts"),
     samples: int = typer.Option(4, help="with --sweep: sampled continuations per prompt"),
     plot: Path = typer.Option(None, help="with --sweep: save the sweep chart here (.html)"),
 ) -> None:
@@ -51,8 +53,8 @@ def steer_cmd(
     if save is not None:
         v.save(save)
     if sweep is not None:
-        _sweep(m, v, sweep, words, _lines(prompts) if prompts is not None else [prompt], samples, max_new_tokens,
-               seed, plot)
+        chosen = (_lines(prompts) if prompts is not None else [prompt]) + _openings(openings)
+        _sweep(m, v, sweep, words, chosen, samples, max_new_tokens, seed, plot)
         return
     kw = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=0.8, seed=seed)
     base = generate(m, prompt, **kw)
@@ -81,6 +83,18 @@ def experts_cmd(
     if plot is not None:
         scores.heatmap(by).write_html(str(plot))
         typer.echo(f"heatmap: {plot}")
+
+
+def _openings(n: int) -> list[str]:
+    """The first 8 words of ``n`` paragraphs (of 20+ words) evenly spaced through the test split."""
+    if n <= 0:
+        return []
+    from probe import load_corpus
+
+    paras = [p.split() for doc in load_corpus("austen", split="test") for p in doc.split("\n") if len(p.split()) >= 20]
+    if n > len(paras):
+        raise SteerscopeError(f"--openings {n}: the test split has only {len(paras)} paragraphs of 20+ words")
+    return [" ".join(paras[round(i * (len(paras) - 1) / max(1, n - 1))][:8]) for i in range(n)]
 
 
 def _sweep(m, v, sweep: str, words: str | None, prompts: list[str], samples: int, max_new_tokens: int, seed: int,

@@ -31,7 +31,7 @@ class DictOutput(NamedTuple):
     """What every dictionary's forward returns."""
 
     recon: Tensor  # [N, d_out] reconstruction of x (SAE) or prediction of the target (transcoder)
-    codes: Tensor  # [N, d_sae] dense feature activations (mostly zeros)
+    codes: Tensor  # [N, d_sae] feature activations (mostly zeros): dense, or sparse COO from fused TopK training
     aux: dict[str, Tensor]  # named loss terms of this forward pass ("mse", "l1", "auxk", ...); empty at eval
 
 

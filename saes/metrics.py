@@ -39,8 +39,19 @@ Ablation = Literal["zero", "mean"]
 
 # ---------------------------------------------------------------- batch metrics
 def l0(codes: Tensor) -> Tensor:
-    """Mean number of nonzero codes per token (a 0-d tensor)."""
+    """Mean number of nonzero codes per token (a 0-d tensor); ``codes`` dense or sparse COO."""
+    if codes.is_sparse:
+        return (codes._values() != 0).float().sum() / codes.shape[0]
     return (codes != 0).float().sum(-1).mean()
+
+
+def fired(codes: Tensor) -> Tensor:
+    """Boolean [d_sae]: which latents are nonzero on at least one row; ``codes`` dense or sparse COO."""
+    if codes.is_sparse:
+        out = torch.zeros(codes.shape[1], dtype=torch.bool, device=codes.device)
+        out[codes._indices()[1][codes._values() != 0]] = True
+        return out
+    return (codes != 0).any(0)
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:

@@ -76,7 +76,8 @@ def fused_topk_loss(sae: LinearDictionary, x: Tensor, target: Tensor | None, dea
     """The TopK loss through saes.kernels: the N x d_sae pre-activations are never materialised and the
     backward touches only the selected (row, latent) pairs. Equal to the dense path (tested).
 
-    ``codes`` in the output are dense but built without gradient, for the trainer's L0/firing statistics.
+    ``codes`` in the output are a sparse COO tensor [N, d_sae] (N * k stored entries, no gradient) for the
+    trainer's L0/firing statistics, so no N x d_sae tensor is made anywhere in the step.
     """
     from saes.kernels import auxk_forward, topk_sae_forward
 
@@ -92,6 +93,8 @@ def fused_topk_loss(sae: LinearDictionary, x: Tensor, target: Tensor | None, dea
         e_hat = auxk_forward(xin, sae.W_enc, sae.b_enc, sae.W_dec, aux_k, dead).x_hat
         aux = min(1.0, int(dead.sum()) / aux_k) * (e_hat - (goal - recon).detach()).pow(2).sum(-1).mean()
     with torch.no_grad():
-        codes = torch.zeros(x.shape[0], sae.cfg.d_sae, dtype=out.acts.dtype, device=x.device).scatter_(-1, out.indices, out.acts)
+        rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(out.indices.shape[1])
+        codes = torch.sparse_coo_tensor(torch.stack([rows, out.indices.reshape(-1)]), out.acts.detach().reshape(-1),
+                                        (x.shape[0], sae.cfg.d_sae), check_invariants=False)  # valid by construction
     loss = mse + sae.cfg.aux_coeff * aux
     return loss, DictOutput(recon, codes, {"mse": mse.detach(), "auxk": aux.detach()})

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from probe.errors import SteerscopeError, suggest
 from saes import checkpoint as ckpt
 from saes.base import Dictionary, get_architecture
-from saes.metrics import fvu, l0
+from saes.metrics import fired, fvu, l0
 
 Decay = Literal["linear", "cosine", "none"]
 BDecInit = Literal["mean", "geometric_median", "zeros"]
@@ -246,7 +246,7 @@ class Trainer:
         if model.cfg.normalize_decoder:
             model.normalize_decoder_()
         with torch.no_grad():
-            self.dead.update(self.dist.any_rank((out.codes != 0).any(0)), n)
+            self.dead.update(self.dist.any_rank(fired(out.codes)), n)
         self.st.step += 1
         self.st.tokens += n
         self._last = (loss.detach(), out._replace(recon=out.recon.detach()), x if target is None else target)

@@ -45,12 +45,12 @@ def test_experts_on_a_dense_model_is_refused(tmp_path):
 
 def test_steer_sweep_table(tmp_path):
     res = runner.invoke(app, ["steer", "She walked into the room and", "--add", "Love", "--sub", "Hate", "--sweep", "0,8",
-                              "--words", "love,heart,happy,the", "--samples", "2", "--max-new-tokens", "8",
+                              "--words", "love,heart,happy,the", "--samples", "2", "--max-new-tokens", "8", "--openings", "2",
                               "--plot", str(tmp_path / "s.html")])
     assert res.exit_code == 0, res.output
     rows = [ln.split() for ln in res.output.splitlines() if ln.strip()[:1].isdigit() and len(ln.split()) == 7]
     assert [r[0] for r in rows] == ["0", "8"] and rows[0][3] == "1.00" and rows[0][5] == "1.000"
-    assert (tmp_path / "s.html").exists()
+    assert (tmp_path / "s.html").exists() and "3 prompt(s) x 2 samples" in res.output
 
 
 def test_steer_sweep_bad_inputs():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from saes.base import get_architecture
+from saes.metrics import fired, l0
 
 CASES = [("topk", dict(k=5)), ("transcoder", dict(k=5, target_site="blocks.0.hook_mlp_out", d_out=12)),
          ("skip_transcoder", dict(k=5, target_site="blocks.0.hook_mlp_out", d_out=12))]
@@ -34,7 +35,9 @@ def test_fused_loss_and_grads_equal_dense(arch, kw, with_dead):
     (lf, of, gf), (ld, od, gd) = results
     torch.testing.assert_close(lf, ld, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(of.recon, od.recon, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(of.codes, od.codes, atol=1e-10, rtol=1e-10)
+    assert of.codes.is_sparse and of.codes._nnz() == 20 * model.cfg.k  # no dense N x d_sae tensor in the fused step
+    torch.testing.assert_close(of.codes.to_dense(), od.codes, atol=1e-10, rtol=1e-10)
+    assert torch.equal(fired(of.codes), fired(od.codes)) and float(l0(of.codes)) == float(l0(od.codes))
     assert set(gf) == set(gd)
     for name in gf:
         torch.testing.assert_close(gf[name], gd[name], atol=1e-9, rtol=1e-9, msg=name)
