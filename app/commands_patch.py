@@ -94,10 +94,9 @@ def _grid(m, base_t, source_t, sites, metric, plot: Path | None) -> None:
 
 
 def _subspace(m, base_t, source_t, sites, path: Path, positions, metric, plot: Path | None) -> None:
-    import torch
-
     from probe.sites import resolve_one
     from steering import Patch, SteeringVector, illusion_diagnostics, run_patch
+    from steering.patching import metric_range
 
     if (path / "patch.json").exists():
         p = Patch.load(path)
@@ -121,11 +120,8 @@ def _subspace(m, base_t, source_t, sites, path: Path, positions, metric, plot: P
         import plotly.graph_objects as go
 
         with_base = run_patch(m, Patch.full(site, p.positions), base_t, source_t, metric)
-        with torch.no_grad():
-            m_base, m_src = (float(metric(m(t))) for t in (base_t, source_t))
+        m_base, m_src = metric_range(m, base_t, source_t, metric)
         gap = m_src - m_base
-        if abs(gap) < 1e-9:
-            raise SteerscopeError("the metric is the same on base and source runs; choose pairs that differ")
         e_full = (float(with_base) - m_base) / gap
         e_sub = (float(run_patch(m, p, base_t, source_t, metric)) - m_base) / gap
         typer.echo(f"{p!r}\nmetric: base {m_base:+.3f}, source {m_src:+.3f}\n"

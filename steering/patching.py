@@ -221,6 +221,16 @@ def logit_diff(good, bad, position: int = -1) -> Metric:
     return metric
 
 
+def metric_range(model, base: torch.Tensor, source: torch.Tensor, metric: Metric) -> tuple[float, float]:
+    """``(metric(base run), metric(source run))``; refuses pairs on which the metric does not differ."""
+    with torch.no_grad():
+        m_base, m_src = float(metric(model(base))), float(metric(model(source)))
+    if abs(m_src - m_base) < 1e-9:
+        raise SteerscopeError("the metric is the same on base and source runs, so no patch effect can be measured; "
+                              "choose pairs that differ in the behaviour")
+    return m_base, m_src
+
+
 @dataclass(frozen=True)
 class PatchingGrid:
     """Effects of full activation patches, one (site, position) at a time, as fractions of the source-base gap.
@@ -256,12 +266,8 @@ def patching_grid(model, base_tokens, source_tokens, sites, metric: Metric,
 
     base, source = paired_tokens(model, base_tokens, source_tokens)
     names = resolve(model, sites)
-    with torch.no_grad():
-        m_base, m_src = float(metric(model(base))), float(metric(model(source)))
+    m_base, m_src = metric_range(model, base, source, metric)
     gap = m_src - m_base
-    if abs(gap) < 1e-9:
-        raise SteerscopeError("the metric is the same on base and source runs, so no patch effect can be measured; "
-                              "choose pairs that differ in the behaviour")
     pos = list(range(base.shape[1])) if positions is None else [p % base.shape[1] for p in _positions(positions)]
     effects = torch.zeros(len(names), len(pos))
     for i, site in enumerate(names):
@@ -353,12 +359,8 @@ def illusion_diagnostics(model, base_tokens, source_tokens, site: str, v: torch.
         raise SteerscopeError("v must be a non-zero 1-D direction [d_site]")
     v_row, v_null = split_direction(v, default_reader(model, site) if reader is None else reader)
     pos = _positions(positions)
-    with torch.no_grad():
-        m_base, m_src = float(metric(model(base))), float(metric(model(source)))
+    m_base, m_src = metric_range(model, base, source, metric)
     gap = m_src - m_base
-    if abs(gap) < 1e-9:
-        raise SteerscopeError("the metric is the same on base and source runs, so no patch effect can be measured; "
-                              "choose pairs that differ in the behaviour")
 
     def effect(p: Patch) -> float:
         return (float(run_patch(model, p, base, source, metric)) - m_base) / gap

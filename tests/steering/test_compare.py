@@ -8,7 +8,6 @@ import torch
 from torch.testing import assert_close
 
 from probe.errors import SteerscopeError
-from probe.models import build_model
 from probe.zoo.specs import MODEL_SPECS
 from steering.compare import (
     Contrast,
@@ -29,14 +28,8 @@ EVAL = ["Elizabeth smiled and", "The ball was", "A young man of", "Sir Walter ha
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = build_model(TINY, "probe/zoo/tokenizer.json")
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.25)
-    return m.eval()
+def model(noisy_tiny_dense):
+    return noisy_tiny_dense
 
 
 def test_contrast_matches_direct_formulas():

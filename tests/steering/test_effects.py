@@ -9,7 +9,6 @@ import torch
 from torch.testing import assert_close
 
 from probe.errors import SteerscopeError
-from probe.models import build_model
 from probe.zoo.specs import MODEL_SPECS
 from steering.apply import steer
 from steering.effects import (
@@ -30,14 +29,8 @@ PROMPTS = ["The weather at Bath", "Mr. Darcy", "It is a truth universally acknow
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    m = build_model(TINY, "probe/zoo/tokenizer.json")
-    with torch.no_grad():
-        for p in m.parameters():
-            if p.ndim >= 2:
-                p.normal_(0, 0.25)
-    return m.eval()
+def model(noisy_tiny_dense):
+    return noisy_tiny_dense
 
 
 @pytest.fixture(scope="module")
