@@ -54,10 +54,8 @@ def prompts(text: str) -> list[str]:
     return [p for p in text.splitlines() if p.strip()]
 
 
-def run() -> dict:
-    from steering import illusion_diagnostics, train_das
-    from steering.patching import cache_site, default_reader, logit_diff
-
+def paired() -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Base and source tokens (checked to pair up and line up) and the two answer ids."""
     base, source = prompts(base_text), prompts(source_text)
     if not base or len(base) != len(source):
         raise SteerscopeError(f"give as many source prompts as base prompts ({len(base)} vs {len(source)}), at least one")
@@ -65,8 +63,27 @@ def run() -> dict:
     if len(lengths) != 1:
         raise SteerscopeError(f"every prompt must have the same number of tokens (got {sorted(lengths)}) so positions "
                               "line up; rephrase so that base and source differ in single tokens")
-    base_t, source_t = model.to_tokens(base), model.to_tokens(source)
-    g, b = answer_id(good), answer_id(bad)
+    return model.to_tokens(base), model.to_tokens(source), answer_id(good), answer_id(bad)
+
+
+def grid():
+    """Activation patching of the whole residual stream, one (layer, position) at a time."""
+    from steering.patching import logit_diff, patching_grid
+
+    base_t, source_t, g, b = paired()
+    n = model.cfg.n_layers
+    sites = [f"blocks.{layer}.hook_resid_pre" for layer in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+    found = patching_grid(model, base_t, source_t, sites, logit_diff(g, b))
+    labels = [x if x == y else f"{x}/{y}" for x, y in
+              zip(model.to_str_tokens(base_t[0]), model.to_str_tokens(source_t[0]), strict=True)]
+    return found, labels
+
+
+def run() -> dict:
+    from steering import illusion_diagnostics, train_das
+    from steering.patching import cache_site, default_reader, logit_diff
+
+    base_t, source_t, g, b = paired()
     width = cache_site(model, base_t[:1], site).shape[-1]
     out = {}
     if kind == "feature":
@@ -75,7 +92,7 @@ def run() -> dict:
             raise SteerscopeError(f"feature directions are {v.shape[0]} wide, {site} is {width}; patch at {write_site}")
         out["direction"] = f"feature {int(feature)} decoder row"
     else:
-        das = train_das(model, base_t, source_t, torch.full((len(base),), g), site, position=-1, rank=1, steps=int(steps))
+        das = train_das(model, base_t, source_t, torch.full((len(base_t),), g), site, position=-1, rank=1, steps=int(steps))
         v, out["direction"] = das.basis[:, 0].to(model.cfg.device), f"DAS rank 1 (interchange accuracy {das.iia:.2f})"
     reader = default_reader(model, site) if site.endswith("mlp.hook_post") else torch.eye(width)
     out["report"] = illusion_diagnostics(model, base_t, source_t, site, v, logit_diff(g, b), reader=reader,
@@ -85,7 +102,24 @@ def run() -> dict:
     return out
 
 
-if st.button("Patch", key="patch_run", type="primary", icon=":material/play_arrow:"):
+left, right = st.columns([1, 3])
+if right.button("Locate: patch the residual stream position by position", key="patch_grid_run",
+                icon=":material/grid_on:", help="activation patching of every (layer, position) of the residual stream"):
+    with st.spinner("Patching every layer and position…"):
+        try:
+            with _ui.model_lock():
+                st.session_state.patch_grid = grid()
+        except SteerscopeError as e:
+            st.session_state.pop("patch_grid", None)
+            _ui.fail(e)
+found = st.session_state.get("patch_grid")
+if found:
+    fig = found[0].figure(found[1])
+    st.plotly_chart(_ui.style(fig, height=fig.layout.height, title=fig.layout.title.text), key="patch_grid_fig")
+    st.caption("Each cell: the fraction of the source − base gap recovered by copying that one residual-stream "
+               "vector from the source run. Where the information sits tells you which site and positions to patch.")
+
+if left.button("Patch", key="patch_run", type="primary", icon=":material/play_arrow:"):
     with st.spinner("Patching…"):
         try:
             with _ui.model_lock():

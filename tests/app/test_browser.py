@@ -156,10 +156,13 @@ def test_every_page_in_a_real_browser(page, server, shots):
     page.screenshot(path=str(shots / "experts.png"), full_page=True)
 
     visit(page, f"{server}/patching")
+    page.get_by_role("button", name="Locate: patch the residual").click()
+    settle(page)
+    expect(page.get_by_text("recovered by copying that one residual-stream vector")).to_be_visible()
     page.locator(".st-key-patch_run button").click()
     settle(page)
     expect(page.get_by_text("effect of patching v")).to_be_visible()
-    expect(page.locator(".js-plotly-plot")).to_be_visible()
+    expect(page.locator(".js-plotly-plot")).to_have_count(2)
     no_exception(page)
     page.screenshot(path=str(shots / "patching.png"), full_page=True)
     assert len(list(shots.glob("*.png"))) >= 6

@@ -187,6 +187,18 @@ def test_patching_with_a_feature_and_with_das(store_env):
     assert not at.exception and "DAS rank 1" in texts(at.markdown)
 
 
+def test_patching_grid_locates_the_information(store_env):
+    at = open_app("patching")
+    at.button(key="patch_grid_run").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert "recovered by copying that one residual-stream" in texts(at.caption)
+    charts = at.get("plotly_chart")
+    assert charts and any('"Heatmap"' in c.proto.spec or '"heatmap"' in c.proto.spec for c in charts)
+    at.text_area(key="patch_source").input("a\nb").run()
+    at.button(key="patch_grid_run").click().run()
+    assert "as many source prompts as base prompts" in texts(at.error)
+
+
 def test_patching_bad_inputs_are_one_line_errors(store_env):
     at = open_app("patching")
     at.text_area(key="patch_source").input("a\nb").run()
