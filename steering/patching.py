@@ -250,10 +250,9 @@ class PatchingGrid:
         import plotly.graph_objects as go
 
         x = [f"{p}: {t}" for p, t in zip(self.positions, labels, strict=True)] if labels is not None else self.positions
+        cells = [[f"{v if abs(v) >= 0.005 else 0.0:.2f}" for v in row] for row in self.effects.tolist()]
         fig = go.Figure(go.Heatmap(z=self.effects.tolist(), x=x, y=self.sites, zmid=0, colorscale="RdBu",
-                                   colorbar=dict(title="effect"), text=[[f"{v:.2f}" for v in row] for row in
-                                                                         self.effects.tolist()],
-                                   texttemplate="%{text}"))
+                                   colorbar=dict(title="effect"), text=cells, texttemplate="%{text}"))
         fig.update_layout(title="Activation patching: fraction of the source − base metric gap", yaxis_autorange="reversed",
                           height=max(300, 40 * len(self.sites) + 150))
         return fig
