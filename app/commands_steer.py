@@ -146,6 +146,8 @@ def compare_cmd(
     kl: list[float] = typer.Option([0.05, 0.1, 0.25, 0.5], help="target next-token KLs (nats; repeatable)"),
     n_select: int = typer.Option(256, help="128-token val contexts used to choose features and diff-in-means"),
     n_prompts: int = typer.Option(64, help="prompts for KL calibration (val) and for scoring (test)"),
+    random_control: bool = typer.Option(True, "--random/--no-random", help="also run a random direction per concept "
+                                                                          "(the control)"),
     plot: Path = typer.Option(None, help="save the gain-vs-KL chart (mean over concepts) here, as .html"),
     json_out: Path = typer.Option(None, "--json", help="save every row here as JSON"),
 ) -> None:
@@ -171,7 +173,7 @@ def compare_cmd(
         site = site.replace("mlp.hook_post", "hook_mlp_out")
     results = concept_comparison(m, dicts, concepts, load_corpus("austen", split="val"),
                                  load_corpus("austen", split="val"), load_corpus("austen", split="test"),
-                                 site, kl, n_select=n_select, n_prompts=n_prompts)
+                                 site, kl, n_select=n_select, n_prompts=n_prompts, random_control=random_control)
     typer.echo(f"{'concept':<12} {'direction':<28} {'feature':>8} {'d':>6} {'KL':>6} {'coeff':>8} {'eval KL':>8} "
                f"{'gain':>7} {'± se':>6}")
     for res in results:

@@ -245,8 +245,12 @@ def window_prompts(model, texts: Sequence[str], n: int, n_ctx: int = 32) -> list
 def concept_comparison(model, dictionaries: dict[str, object], concepts: dict[str, Sequence[str]],
                        select_texts: Sequence[str], calib_texts: Sequence[str], eval_texts: Sequence[str],
                        dim_site: str, kl_targets: Sequence[float] = (0.05, 0.1, 0.25, 0.5),
-                       n_select: int = 256, n_prompts: int = 64, progress: bool = True) -> list[ConceptResult]:
+                       n_select: int = 256, n_prompts: int = 64, random_control: bool = True, seed: int = 0,
+                       progress: bool = True) -> list[ConceptResult]:
     """Diff-in-means at ``dim_site`` against the best feature of each dictionary, per concept, at matched KL.
+
+    With ``random_control`` a random direction at ``dim_site`` (seeded by ``seed`` and the concept's
+    position) runs the same protocol: the gain that spending the KL budget in no particular direction buys.
 
     Features and the diff-in-means vector are chosen on ``n_select`` 128-token contexts of
     ``select_texts`` (BOS and last positions left out); KL is calibrated on windows of ``calib_texts``
@@ -287,6 +291,10 @@ def concept_comparison(model, dictionaries: dict[str, object], concepts: dict[st
             i = int(effect[name][c].argmax())
             chosen[name] = (i, float(effect[name][c, i]))
             vectors[name] = SteeringVector.from_feature(d, i, model=model)
+        if random_control:
+            gen = torch.Generator().manual_seed(seed + c)
+            vectors["random direction"] = SteeringVector.from_direction(torch.randn(means.shape[1], generator=gen),
+                                                                        dim_site)
         rows = compare_at_matched_kl(model, vectors, ids[concept], calib, evals, kl_targets)
         results.append(ConceptResult(concept, words[concept], chosen, rows))
     return results

@@ -77,7 +77,7 @@ def test_compare_rows_are_matched_in_kl(tmp_path):
                               "--plot", str(tmp_path / "c.html")])
     assert res.exit_code == 0, res.output
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert [r["name"] for r in rows] == ["diff-in-means", "topk (sae)"]
+    assert [r["name"] for r in rows] == ["diff-in-means", "topk (sae)", "random direction"]
     assert all(abs(r["kl"] - 0.1) <= 0.002 and r["words"] == ["sister", "mother"] for r in rows)
     assert rows[1]["feature"] in range(64) and (tmp_path / "c.html").exists()
 
@@ -86,5 +86,6 @@ def test_compare_bad_concepts(tmp_path):
     _random_sae(tmp_path / "sae")
     res = runner.invoke(app, ["compare", str(tmp_path / "sae"), "--concept", "no colon here"])
     assert "name: word word" in str(res.exception)
-    res = runner.invoke(app, ["compare", str(tmp_path / "sae"), "--concept", "junk: xqzjvwpk", "--n-select", "4"])
+    res = runner.invoke(app, ["compare", str(tmp_path / "sae"), "--concept", "junk: xqzjvwpk", "--n-select", "4",
+                              "--no-random"])
     assert "single token" in str(res.exception)
