@@ -17,10 +17,8 @@ in one go, resumed after a kill, or by several ``torchrun`` ranks.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -34,11 +32,24 @@ from probe.corpus import load_corpus, pack
 from probe.errors import SteerscopeError, suggest
 from probe.hooks import capture
 from probe.sites import SiteSpec, all_sites, layer_of, resolve
+from probe.store_files import (
+    MANIFEST,
+    TOKENS,
+    atomic_write,
+    check_dir,
+    file_entry,
+    prepare,
+    read_bytes,
+    read_checked,
+    read_manifest,
+    shard_name,
+    spec_hash,
+    tokens_bytes,
+    write_manifest,
+)
 
 FORMAT = "steerscope-activations"
 VERSION = 1
-MANIFEST = "manifest.json"
-TOKENS = "tokens.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _NOT_PER_TOKEN = ("hook_pattern", "hook_attn_scores")  # [batch, head, query, key]: not one row per token
 Corpus = str | Sequence[str] | torch.Tensor
@@ -58,7 +69,7 @@ class ActivationStore:
     @classmethod
     def open(cls, path: str | Path) -> ActivationStore:
         """Open a finished store (cheap: reads only the manifest; see :meth:`verify`)."""
-        m = _read_manifest(Path(path))
+        m = read_manifest(Path(path))
         if m is None:
             raise SteerscopeError(f"{path} is not an activation store (no {MANIFEST})")
         if m.get("format") != FORMAT or m.get("version") != VERSION:
@@ -90,11 +101,11 @@ class ActivationStore:
         spec = _plan(model, names, tokens, n_tokens, dtype, include_bos, shard_tokens, corpus_spec)
         tokens = tokens[: spec["n_contexts"]]
         rank, world = _dist_info()
-        state = _check_dir(path, spec, overwrite)
+        state = check_dir(path, spec, overwrite)
         _barrier(world)
         if state != "done":
             if rank == 0:
-                _prepare(path, spec, tokens, wipe=state == "wipe")
+                prepare(path, spec, tokens, wipe=state == "wipe")
             _barrier(world)
             own = _run_shards(model, tokens, names, spec, path, batch_size, rank, world, progress)
             _barrier(world)
@@ -132,12 +143,12 @@ class ActivationStore:
     def tokens(self) -> torch.Tensor:
         """Token ids of every context, ``[n_contexts, n_ctx]`` (checksum-verified)."""
         entry = self.manifest["tokens"]
-        return st_load(_read_checked(self.path / entry["file"], entry))["tokens"].long()
+        return st_load(read_checked(self.path / entry["file"], entry))["tokens"].long()
 
     def read_shard(self, i: int, site: str | None = None) -> torch.Tensor | dict[str, torch.Tensor]:
         """Shard ``i`` as ``{site: [rows, d]}``, or one site's tensor; raises if the file is damaged."""
         entry = self.manifest["shards"][i]
-        tensors = st_load(_read_checked(self.path / entry["file"], entry))
+        tensors = st_load(read_checked(self.path / entry["file"], entry))
         return tensors if site is None else tensors[self._site(site)]
 
     def verify(self) -> None:
@@ -145,7 +156,7 @@ class ActivationStore:
         bad = []
         for entry in [self.manifest["tokens"], *self.manifest["shards"]]:
             try:
-                _read_checked(self.path / entry["file"], entry)
+                read_checked(self.path / entry["file"], entry)
             except SteerscopeError:
                 bad.append(entry["file"])
         if bad:
@@ -242,7 +253,7 @@ def _plan(model, names, tokens, n_tokens, dtype, include_bos, shard_tokens, corp
         )
     spec["d"] = _site_widths(model, names, tokens[:1])
     spec.update(n_contexts=n_contexts, shard_contexts=max(1, shard_tokens // per), model=_model_summary(model),
-                corpus=corpus_spec, tokens=_entry(TOKENS, _tokens_bytes(tokens[:n_contexts])))
+                corpus=corpus_spec, tokens=file_entry(TOKENS, tokens_bytes(tokens[:n_contexts])))
     return json.loads(json.dumps(spec))  # normalised exactly as it will be read back
 
 
@@ -300,36 +311,6 @@ def _barrier(world: int) -> None:
         torch.distributed.barrier()
 
 
-def _check_dir(path: Path, spec: dict, overwrite: bool) -> str:
-    """``fresh``, ``resume``, ``done`` or ``wipe``; refuse a foreign directory or a different store."""
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
-        return "fresh"
-    old = _read_manifest(path) if path.is_dir() else None
-    if old is None:
-        raise SteerscopeError(f"{path} exists and is not an activation store (no {MANIFEST}); choose a new or empty directory")
-    diff = next((k for k in {**old, **spec} if k not in ("complete", "shards") and old.get(k) != spec.get(k)), None)
-    if diff is None:
-        return "done" if old.get("complete") else "resume"
-    if overwrite:
-        return "wipe"
-    raise SteerscopeError(
-        f"{path} holds a different activation store ({diff}: {str(old.get(diff))[:60]} != {str(spec.get(diff))[:60]}); "
-        "pass overwrite=True to replace it or choose another path"
-    )
-
-
-def _prepare(path: Path, spec: dict, tokens: torch.Tensor, wipe: bool) -> None:
-    """Create the directory, drop temp files (and an old store on ``wipe``), write tokens + a partial manifest."""
-    path.mkdir(parents=True, exist_ok=True)
-    if wipe:
-        (path / MANIFEST).unlink(missing_ok=True)
-    for f in path.iterdir():
-        if ".tmp" in f.name or (wipe and (f.name == TOKENS or f.name.startswith("shard-"))):
-            f.unlink()
-    _atomic_write(path / TOKENS, _tokens_bytes(tokens))
-    _write_manifest(path, {**spec, "complete": False, "shards": []})
-
-
 def _bounds(spec: dict, i: int) -> tuple[int, int, int, int]:
     """Shard ``i``: first context, end context, first row, number of rows."""
     per, sc = _per_ctx(spec), spec["shard_contexts"]
@@ -350,9 +331,9 @@ def _run_shards(model, tokens, names, spec, path, batch_size, rank, world, progr
     with bar, torch.no_grad(), capture(model, names) as acts:
         for i in todo:
             tensors = _forward_shard(model, tokens, spec, i, stop, acts, batch_size, bar)
-            data = st_save(tensors, metadata={"spec": _spec_hash(spec)})
-            _atomic_write(path / _shard_name(i), data)
-            own[i] = _entry(_shard_name(i), data)
+            data = st_save(tensors, metadata={"spec": spec_hash(spec)})
+            atomic_write(path / shard_name(i), data)
+            own[i] = file_entry(shard_name(i), data)
     return own
 
 
@@ -375,7 +356,7 @@ def _forward_shard(model, tokens, spec, i, stop, acts, batch_size, bar) -> dict[
 
 def _shard_ok(path: Path, spec: dict, i: int) -> bool:
     """Whether shard ``i`` already exists from an interrupted build of this very spec."""
-    file = path / _shard_name(i)
+    file = path / shard_name(i)
     if not file.exists():
         return False
     rows = _bounds(spec, i)[3]
@@ -385,7 +366,7 @@ def _shard_ok(path: Path, spec: dict, i: int) -> bool:
             meta = f.metadata() or {}
     except Exception:  # noqa: BLE001 - any unreadable file is simply recomputed
         return False
-    return meta.get("spec") == _spec_hash(spec) and shapes == {s: [rows, d] for s, d in spec["d"].items()}
+    return meta.get("spec") == spec_hash(spec) and shapes == {s: [rows, d] for s, d in spec["d"].items()}
 
 
 def _finalize(path: Path, spec: dict, own: dict[int, dict]) -> None:
@@ -393,60 +374,6 @@ def _finalize(path: Path, spec: dict, own: dict[int, dict]) -> None:
     shards = []
     for i in range(_n_shards(spec)):
         _, _, first, rows = _bounds(spec, i)
-        entry = own.get(i) or _entry(_shard_name(i), _read_bytes(path / _shard_name(i)))
+        entry = own.get(i) or file_entry(shard_name(i), read_bytes(path / shard_name(i)))
         shards.append({**entry, "rows": rows, "first_row": first})
-    _write_manifest(path, {**spec, "complete": True, "shards": shards})
-
-
-# ---------------------------------------------------------------------- files
-def _shard_name(i: int) -> str:
-    return f"shard-{i:05d}.safetensors"
-
-
-def _tokens_bytes(tokens: torch.Tensor) -> bytes:
-    return st_save({"tokens": tokens.to(torch.int32).contiguous()})
-
-
-def _spec_hash(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-
-
-def _entry(name: str, data: bytes) -> dict:
-    return {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-
-
-def _atomic_write(file: Path, data: bytes) -> None:
-    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, file)
-
-
-def _write_manifest(path: Path, manifest: dict) -> None:
-    _atomic_write(path / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-
-
-def _read_manifest(path: Path) -> dict | None:
-    file = path / MANIFEST
-    if not file.is_file():
-        return None
-    try:
-        return json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SteerscopeError(f"{file} is not valid JSON; delete the directory or choose another path") from e
-
-
-def _read_bytes(file: Path) -> bytes:
-    try:
-        return file.read_bytes()
-    except OSError as e:
-        raise SteerscopeError(f"cannot read {file}: {e.strerror or e}") from e
-
-
-def _read_checked(file: Path, entry: dict) -> bytes:
-    """The file's bytes, after checking size and sha256 against its manifest entry."""
-    data = _read_bytes(file)
-    if len(data) != entry["bytes"]:
-        raise SteerscopeError(f"{file} is truncated or altered ({len(data)} bytes, manifest says {entry['bytes']}); rebuild the store")
-    if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-        raise SteerscopeError(f"{file} is corrupted (sha256 mismatch); rebuild the store")
-    return data
+    write_manifest(path, {**spec, "complete": True, "shards": shards})
