@@ -171,8 +171,8 @@ def compare_cmd(
     site = dim_site or first.cfg.target_site or first.cfg.site
     if site.endswith("mlp.hook_post") and first.architecture == "snmf":
         site = site.replace("mlp.hook_post", "hook_mlp_out")
-    results = concept_comparison(m, dicts, concepts, load_corpus("austen", split="val"),
-                                 load_corpus("austen", split="val"), load_corpus("austen", split="test"),
+    val = load_corpus("austen", split="val")  # features are chosen and KL calibrated on val, scored on test
+    results = concept_comparison(m, dicts, concepts, val, val, load_corpus("austen", split="test"),
                                  site, kl, n_select=n_select, n_prompts=n_prompts, random_control=random_control)
     typer.echo(f"{'concept':<12} {'direction':<28} {'feature':>8} {'d':>6} {'KL':>6} {'coeff':>8} {'eval KL':>8} "
                f"{'gain':>7} {'± se':>6}")

@@ -102,16 +102,21 @@ def run() -> dict:
     return out
 
 
+def act(key: str, message: str, compute) -> None:
+    """Run ``compute`` under the model lock into ``st.session_state[key]``; a user error clears it and shows one line."""
+    with st.spinner(message):
+        try:
+            with _ui.model_lock():
+                st.session_state[key] = compute()
+        except SteerscopeError as e:
+            st.session_state.pop(key, None)
+            _ui.fail(e)
+
+
 left, right = st.columns([1, 3])
 if right.button("Locate: patch the residual stream position by position", key="patch_grid_run",
                 icon=":material/grid_on:", help="activation patching of every (layer, position) of the residual stream"):
-    with st.spinner("Patching every layer and position…"):
-        try:
-            with _ui.model_lock():
-                st.session_state.patch_grid = grid()
-        except SteerscopeError as e:
-            st.session_state.pop("patch_grid", None)
-            _ui.fail(e)
+    act("patch_grid", "Patching every layer and position…", grid)
 found = st.session_state.get("patch_grid")
 if found:
     fig = found[0].figure(found[1])
@@ -120,13 +125,7 @@ if found:
                "vector from the source run. Where the information sits tells you which site and positions to patch.")
 
 if left.button("Patch", key="patch_run", type="primary", icon=":material/play_arrow:"):
-    with st.spinner("Patching…"):
-        try:
-            with _ui.model_lock():
-                st.session_state.patch_result = run()
-        except SteerscopeError as e:
-            st.session_state.pop("patch_result", None)
-            _ui.fail(e)
+    act("patch_result", "Patching…", run)
 res = st.session_state.get("patch_result")
 if res:
     r = res["report"]
