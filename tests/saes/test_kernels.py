@@ -113,6 +113,40 @@ def test_encode_large_latent_counts(n, m, k, tile, integer):
         check_selection(values, indices, pre, k, TOL[torch.float32])
 
 
+@pytest.mark.parametrize("select", ["compiled", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("tile", "rows"), [(None, None), (1000, 7), (97, 16)])
+def test_encode_threshold_edge_cases(select, dtype, tile, rows):
+    """Both running-threshold selections: row chunks, rows where hundreds of latents tie (a zero
+    input row, so every pre-activation is its bias), NaN latents (they rank first) and -inf ones."""
+    from saes.kernels.cpu import topk_encode_torch
+
+    n, m, k = 40, 3000, 16
+    x, W, b, _, _ = make(n, 6, m, True, 11, dtype)
+    x[3] = 0
+    b[[17, 2500]] = float("nan")
+    b[100] = float("-inf")
+    values, indices = topk_encode_torch(x, W, b, k, tile=tile, rows=rows, select=select)
+    pre = dense_pre_acts(x, W, b)
+    ref = dense_topk_indices(pre, k)
+    assert torch.equal(indices, ref)
+    assert indices[:, :2].tolist() == [[17, 2500]] * n
+    torch.testing.assert_close(values.to(dtype), pre.gather(1, ref), rtol=0, atol=0, equal_nan=True)
+
+
+@FAST
+@given(problems(), st.integers(1, 30))
+def test_compiled_and_torch_selection_agree(p, rows):
+    """The compiled (numba) and the torch selections are both exact: identical ids and values."""
+    from saes.kernels.cpu import topk_encode_torch
+
+    n, d, m, k, tile, integer, seed = p
+    x, W, b, _, _ = make(n, d, m, integer, seed, torch.float32)
+    a = topk_encode_torch(x, W, b, k, tile=tile, rows=rows, select="compiled")
+    t = topk_encode_torch(x, W, b, k, tile=tile, rows=rows, select="torch")
+    assert torch.equal(a[1], t[1]) and torch.equal(a[0], t[0])
+
+
 @FAST
 @given(problems(max_m=200), st.sampled_from(["relu", "identity"]), st.integers(1, 12))
 def test_sae_forward_and_every_gradient(p, activation, d_out):
