@@ -8,8 +8,9 @@ Every (shape, implementation) pair runs in its own subprocess with the same seed
 initialisation, the same loss (MSE of the reconstruction, pre-bias ``x - b_dec``) and the same
 optimizer (``torch.optim.Adam(fused=True)``), on ``--threads`` torch threads (default: all cores):
 
-- ``ours``: :func:`saes.kernels.topk_sae_forward` (tiled top-k encoder, sparse decode and backward);
-  the encoder is stored latent-major (``[d_sae, d_in]``) and passed as ``.T``;
+- ``ours``: :func:`saes.kernels.topk_sae_forward` (tiled top-k encoder with the compiled running
+  top-k selection, sparse decode and backward); the encoder is stored latent-major
+  (``[d_sae, d_in]``) and passed as ``.T``;
 - ``naive``: dense reference (matmul, torch.topk, scatter, dense decode, autograd);
 - ``saelens``: SAELens 6 ``TopKTrainingSAE.training_forward_pass`` (dense decode), with
   ``rescale_acts_by_decoder_norm=False`` so that all rows compute the same function;

@@ -1,8 +1,8 @@
 """Compiled (numba) running top-k selection over blocks of pre-activations: the CPU fast path.
 
 The tiled encoder (:mod:`saes.kernels.cpu`) writes one block of pre-activations at a time; this
-module merges each block into a per-row running top-``k`` in a single pass over the block, in
-parallel over rows. Per row, the state is ``k`` values (fp32, descending) and their latent ids,
+module merges each block into a per-row running top-``k`` in a single pass over the block, its
+rows split over threads. Per row, the state is ``k`` values (fp32, descending) and their latent ids,
 ordered like the packed keys of :mod:`saes.kernels.keys`: value descending, ties to the lowest id,
 NaN above ``+inf``, ``-0.0`` equal to ``+0.0`` (and stored as ``+0.0``).
 
@@ -26,6 +26,8 @@ the dense reference in ``tests/saes/test_kernels.py``.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 BIG, SMALL = 128, 16
@@ -33,7 +35,7 @@ BIG, SMALL = 128, 16
 values can enter the state, then each of its ``SMALL`` sub-chunks likewise (compile-time sizes)."""
 
 try:
-    from numba import config, get_num_threads, njit, prange, set_num_threads
+    from numba import njit
 except ImportError:  # numba is a dependency; without it the torch selection path runs
     njit = None
 
@@ -86,7 +88,7 @@ def _scan(row, j0, j1, lo, col0, vals, ids, r, n, k):
 def _merge_rows(pre, width, col0, vals, ids, fill, scratch):
     rows = pre.shape[0]
     k = vals.shape[1]
-    for r in prange(rows):
+    for r in range(rows):
         row = pre[r]
         n = fill[r]
         lo = np.float32(-np.inf)  # insert only values >= lo while the state is not full
@@ -127,7 +129,7 @@ if njit is not None:
     _insert = njit(inline="always", cache=True, nogil=True)(_insert)
     _may_enter = njit(inline="always", cache=True, nogil=True)(_may_enter)
     _scan = njit(inline="always", cache=True, nogil=True)(_scan)
-    _merge_rows = njit(parallel=True, cache=True, nogil=True)(_merge_rows)
+    _merge_rows = njit(cache=True, nogil=True)(_merge_rows)
 
 
 def available() -> bool:
@@ -138,13 +140,33 @@ def available() -> bool:
 def merge_block(pre, width: int, col0: int, vals, ids, fill, threads: int) -> None:
     """Merge ``pre[:, :width]`` (numpy fp32/fp64, C-contiguous rows; latent ids ``col0 + j``) into the
     running state ``vals`` (fp32 ``[rows, k]``), ``ids`` (int64 ``[rows, k]``), ``fill`` (int64
-    ``[rows]``, entries in use: 0 before the first block), in place, on ``threads`` threads."""
-    k = vals.shape[1]
-    first = bool((fill[:1] < k).any()) if fill.shape[0] else False
-    scratch = np.empty((pre.shape[0], min(width, 2 * k) if first else 0), dtype=np.float32)
-    before = get_num_threads()
-    set_num_threads(max(1, min(threads, config.NUMBA_NUM_THREADS)))
-    try:
-        _merge_rows(pre, width, col0, vals, ids, fill, scratch)
-    finally:
-        set_num_threads(before)
+    ``[rows]``, entries in use: 0 before the first block), in place.
+
+    The rows are split into ``threads`` contiguous ranges, each merged by the compiled kernel on its
+    own Python thread (the kernel releases the GIL). Plain threads rather than numba's parallel
+    layers: those are not fork-safe (a process forked after an OpenMP region hangs in its first
+    parallel torch op) and the workqueue layer aborts on concurrent calls.
+    """
+    rows, k = vals.shape
+    first = rows > 0 and fill[0] < k
+    scratch = np.empty((rows, min(width, 2 * k) if first else 0), dtype=np.float32)
+    parts = max(1, min(threads, rows // 64))
+    bounds = [rows * i // parts for i in range(parts + 1)]
+
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        a, b = bounds[i], bounds[i + 1]
+        try:
+            _merge_rows(pre[a:b], width, col0, vals[a:b], ids[a:b], fill[a:b], scratch[a:b])
+        except BaseException as e:  # re-raised in the calling thread
+            errors.append(e)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(1, parts)]
+    for w in workers:
+        w.start()
+    run(0)
+    for w in workers:
+        w.join()
+    if errors:
+        raise errors[0]

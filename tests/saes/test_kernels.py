@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -145,6 +146,30 @@ def test_compiled_and_torch_selection_agree(p, rows):
     a = topk_encode_torch(x, W, b, k, tile=tile, rows=rows, select="compiled")
     t = topk_encode_torch(x, W, b, k, tile=tile, rows=rows, select="torch")
     assert torch.equal(a[1], t[1]) and torch.equal(a[0], t[0])
+
+
+def _select_in_child(pre, k) -> None:
+    from saes.kernels import cpu_select
+
+    vals, ids = np.empty((pre.shape[0], k), np.float32), np.empty((pre.shape[0], k), np.int64)
+    cpu_select.merge_block(pre, pre.shape[1], 0, vals, ids, np.zeros(pre.shape[0], np.int64), 2)
+    assert (ids == np.argsort(-pre, axis=1, kind="stable")[:, :k]).all()
+
+
+def test_compiled_selection_is_fork_safe():
+    """The compiled selection runs on plain threads: a process forked after it ran can run it again
+    (numba's OpenMP layer hangs there)."""
+    import multiprocessing
+
+    pre = np.random.default_rng(0).standard_normal((512, 3000)).astype(np.float32)
+    _select_in_child(pre, 8)
+    child = multiprocessing.get_context("fork").Process(target=_select_in_child, args=(pre, 8))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung and child.exitcode == 0
 
 
 @FAST
