@@ -6,7 +6,8 @@
 
 Every (shape, implementation) pair runs in its own subprocess with the same seeded data and
 initialisation, the same loss (MSE of the reconstruction, pre-bias ``x - b_dec``) and the same
-optimizer (``torch.optim.Adam(fused=True)``), on ``--threads`` torch threads (default: all cores):
+optimizer (``torch.optim.Adam(fused=True)``), on ``--threads`` torch threads (default: all cores),
+with ``OMP_WAIT_POLICY=PASSIVE`` (what the ``steerscope`` command sets; override by exporting it):
 
 - ``ours``: :func:`saes.kernels.topk_sae_forward` (tiled top-k encoder with the compiled running
   top-k selection, sparse decode and backward); the encoder is stored latent-major
@@ -37,6 +38,10 @@ import os
 import subprocess
 import sys
 import time
+
+WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+"""OpenMP's idle-thread policy in every worker, whatever the implementation (steerscope's CLI uses
+PASSIVE: threads spinning after a GEMM would take the cores of our selection threads)."""
 
 IMPLS = ["ours", "naive", "saelens", "saelens-sparse", "sparsify", "sparsify-eager", "gemm"]
 
@@ -146,8 +151,9 @@ def worker(impl: str, d: int, m: int, k: int, n: int, steps: int, threads: int) 
 
 def run(impl: str, d: int, m: int, k: int, n: int, steps: int, threads: int, timeout: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", impl, *map(str, (d, m, k, n, steps, threads))]
+    env = {**os.environ, "OMP_WAIT_POLICY": WAIT_POLICY}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -161,7 +167,10 @@ def table(shape: tuple[int, int, int, int], results: dict[str, dict], threads: i
     d, m, k, n = shape
     ours, gemm = results["ours"].get(key), results["gemm"].get(key)
     load = os.getloadavg()[0]
-    rows = [f"\nd_in={d} d_sae={m} k={k} batch={n} fp32, {os.cpu_count()} cpus, threads={threads}, load {load:.1f}"]
+    rows = [
+        f"\nd_in={d} d_sae={m} k={k} batch={n} fp32, {os.cpu_count()} cpus, threads={threads}, "
+        f"OMP_WAIT_POLICY={WAIT_POLICY}, load {load:.1f}"
+    ]
     head = (
         f"{'impl':<16}{'step ms':>10}{'cpu ms':>9}{'steps/s':>9}{'x GEMM':>8}{'speedup':>9}{'peak MB':>9}{'step MB':>9}"
     )
@@ -192,6 +201,8 @@ def main() -> None:
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     ap.add_argument("--steps", type=int, default=None, help="timed steps per row (median reported)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per (shape, impl) subprocess")
+    ap.add_argument("--d", type=int, default=None, help="only this d_in (256 or 768 by default)")
+    ap.add_argument("--m", type=int, default=None, help="only this d_sae (16384 or 32768 by default)")
     ap.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -199,6 +210,7 @@ def main() -> None:
         print(json.dumps(worker(impl, *map(int, dims))))
         return
     shapes = [(256, 16384, 32, 1024)] if args.quick else [(d, m, 32, 4096) for d in (256, 768) for m in (16384, 32768)]
+    shapes = [s for s in shapes if args.d in (None, s[0]) and args.m in (None, s[1])]
     impls = args.impls.split(",")
     for shape in shapes:
         results = {}
