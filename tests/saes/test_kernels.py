@@ -138,11 +138,13 @@ def test_encode_threshold_edge_cases(select, dtype, tile, rows):
 @FAST
 @given(problems(), st.integers(1, 30))
 def test_compiled_and_torch_selection_agree(p, rows):
-    """The compiled (numba) and the torch selections are both exact: identical ids and values."""
+    """The compiled (numba) and the torch selections are both exact: identical ids and values.
+    Integer-valued data (exact arithmetic, many ties): the two paths lay out their GEMM blocks
+    differently, which may change the rounding of continuous data by an ulp."""
     from saes.kernels.cpu import topk_encode_torch
 
-    n, d, m, k, tile, integer, seed = p
-    x, W, b, _, _ = make(n, d, m, integer, seed, torch.float32)
+    n, d, m, k, tile, _, seed = p
+    x, W, b, _, _ = make(n, d, m, True, seed, torch.float32)
     a = topk_encode_torch(x, W, b, k, tile=tile, rows=rows, select="compiled")
     t = topk_encode_torch(x, W, b, k, tile=tile, rows=rows, select="torch")
     assert torch.equal(a[1], t[1]) and torch.equal(a[0], t[0])
