@@ -105,7 +105,7 @@ def _step_fns(n: int, d: int, m: int, k: int):
 
     def ours():
         W_enc, b_enc, W_dec, b_dec = (t.to(torch.bfloat16) for t in p)
-        x_hat = topk_sae_forward(x - b_dec, W_enc.T, b_enc, W_dec, b_dec, k).x_hat
+        x_hat = topk_sae_forward(x, W_enc.T, b_enc, W_dec, b_dec, k, pre_bias=b_dec).x_hat
         return (x_hat.float() - x.float()).pow(2).sum(-1).mean()
 
     fns["ours"] = (ours, p)

@@ -10,8 +10,8 @@ optimizer (``torch.optim.Adam(fused=True)``), on ``--threads`` torch threads (de
 with ``OMP_WAIT_POLICY=PASSIVE`` (what the ``steerscope`` command sets; override by exporting it):
 
 - ``ours``: :func:`saes.kernels.topk_sae_forward` (tiled top-k encoder with the compiled running
-  top-k selection, sparse decode and backward); the encoder is stored latent-major
-  (``[d_sae, d_in]``) and passed as ``.T``;
+  top-k selection, sparse decode and backward; the pre-bias passed as ``pre_bias``, as steerscope's
+  TopK SAE does); the encoder is stored latent-major (``[d_sae, d_in]``) and passed as ``.T``;
 - ``naive``: dense reference (matmul, torch.topk, scatter, dense decode, autograd);
 - ``saelens``: SAELens 6 ``TopKTrainingSAE.training_forward_pass`` (dense decode), with
   ``rescale_acts_by_decoder_norm=False`` so that all rows compute the same function;
@@ -80,7 +80,7 @@ def _setup(impl: str, d: int, m: int, k: int, n: int):
 
         def loss():
             if impl == "ours":
-                x_hat = topk_sae_forward(x - b_dec, W_enc.T, b_enc, W_dec, b_dec, k).x_hat
+                x_hat = topk_sae_forward(x, W_enc.T, b_enc, W_dec, b_dec, k, pre_bias=b_dec).x_hat
             else:
                 x_hat = dense_topk_sae(x - b_dec, W_enc.T, b_enc, W_dec, b_dec, k, exact_ties=False)[0]
             return (x_hat - x).pow(2).sum(-1).mean()

@@ -82,15 +82,15 @@ def fused_topk_loss(sae: LinearDictionary, x: Tensor, target: Tensor | None, dea
     from saes.kernels import auxk_forward, topk_sae_forward
 
     sae.check_input(x)
-    xin = x - sae.b_dec if sae.cfg.apply_b_dec_to_input and sae.cfg.d_in == sae.cfg.d_out else x
-    out = topk_sae_forward(xin, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.cfg.k)
+    shift = sae.b_dec if sae.cfg.apply_b_dec_to_input and sae.cfg.d_in == sae.cfg.d_out else None
+    out = topk_sae_forward(x, sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.cfg.k, pre_bias=shift)
     recon = out.x_hat if skip is None else out.x_hat + skip
     goal = x if target is None else target
     mse = (recon - goal).pow(2).sum(-1).mean()
     aux = mse.new_zeros(())
     if dead is not None and bool(dead.any()):
         aux_k = sae.cfg.aux_k or sae.cfg.d_out // 2
-        e_hat = auxk_forward(xin, sae.W_enc, sae.b_enc, sae.W_dec, aux_k, dead).x_hat
+        e_hat = auxk_forward(x, sae.W_enc, sae.b_enc, sae.W_dec, aux_k, dead, pre_bias=shift).x_hat
         aux = min(1.0, int(dead.sum()) / aux_k) * (e_hat - (goal - recon).detach()).pow(2).sum(-1).mean()
     with torch.no_grad():
         rows = torch.arange(x.shape[0], device=x.device).repeat_interleave(out.indices.shape[1])

@@ -98,6 +98,7 @@ def topk_encode(
     latents: Tensor | None = None,
     tile: int | None = None,
     backend: Backend = "auto",
+    pre_bias: Tensor | None = None,
 ) -> TopK:
     """Top-``k`` latents of ``x @ W_enc + b_enc`` per row, never materialising the ``N x M`` matrix.
 
@@ -110,6 +111,9 @@ def topk_encode(
             latents for AuxK. Returned indices are still global latent ids.
         tile: latent columns per block on the torch backend (default 4096).
         backend: ``auto`` (Triton on CUDA when installed, else torch), ``torch`` or ``triton``.
+        pre_bias: ``[d_in]`` subtracted from ``x`` first (a TopK SAE's ``b_dec``). Same result as
+            passing ``x - pre_bias``, but its gradient costs ``d * d_sae`` instead of the
+            ``N * k * d`` gather that autograd needs for the gradient of ``x - pre_bias``.
 
     Returns:
         ``TopK(values, indices)``: raw pre-activations (no ReLU) in ``x``/``W_enc``'s promoted dtype,
@@ -122,6 +126,8 @@ def topk_encode(
     m = W_enc.shape[1]
     if b_enc is not None and b_enc.shape != (m,):
         raise ValueError(f"b_enc must have shape ({m},), got {tuple(b_enc.shape)}")
+    if pre_bias is not None and pre_bias.shape != (W_enc.shape[0],):
+        raise ValueError(f"pre_bias must have shape ({W_enc.shape[0]},), got {tuple(pre_bias.shape)}")
     ids = _latent_ids(latents, m)
     pool = m if ids is None else ids.numel()
     if not 1 <= k <= pool:
@@ -129,7 +135,7 @@ def topk_encode(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     encode = _encoder(k, ids, resolve_backend(backend, x.device), tile)
-    values, indices = TopKEncodeFn.apply(x2, W_enc, b_enc, encode)
+    values, indices = TopKEncodeFn.apply(x2, W_enc, b_enc, pre_bias, encode)
     return TopK(values.reshape(*lead, k), indices.reshape(*lead, k))
 
 
@@ -181,14 +187,16 @@ def topk_sae_forward(
     activation: Activation = "relu",
     tile: int | None = None,
     backend: Backend = "auto",
+    pre_bias: Tensor | None = None,
 ) -> TopKSAEOutput:
     """TopK SAE / transcoder forward: fused top-k encoder, activation, sparse decode.
 
     Equals ``dense = act(topk_mask(x @ W_enc + b_enc)); x_hat = dense @ W_dec + b_dec`` (ties to the
     lowest latent id), and its gradients, for every input; only ``N * k`` pairs are touched after
-    the encoder GEMM. Pre-bias (``x - b_dec``) is the caller's: its gradient flows through ``x``.
+    the encoder GEMM. ``pre_bias`` (e.g. ``b_dec``) encodes ``x - pre_bias`` with a cheaper gradient
+    than subtracting it outside (see :func:`topk_encode`).
     """
-    pre = topk_encode(x, W_enc, b_enc, k, tile=tile, backend=backend)
+    pre = topk_encode(x, W_enc, b_enc, k, tile=tile, backend=backend, pre_bias=pre_bias)
     acts = _activate(pre.values, activation)
     x_hat = sparse_decode(acts, pre.indices, W_dec, b_dec, backend=backend)
     return TopKSAEOutput(x_hat, acts, pre.indices, pre.values)
@@ -204,6 +212,7 @@ def auxk_forward(
     *,
     activation: Activation = "relu",
     backend: Backend = "auto",
+    pre_bias: Tensor | None = None,
 ) -> TopKSAEOutput:
     """AuxK path: top-``k_aux`` among ``dead`` latents, decoded without bias (``e_hat``).
 
@@ -215,7 +224,7 @@ def auxk_forward(
     ids = _latent_ids(dead, W_enc.shape[1])
     if ids is None or ids.numel() == 0:
         raise ValueError("auxk_forward needs at least one dead latent")
-    pre = topk_encode(x, W_enc, b_enc, min(k_aux, ids.numel()), latents=ids, backend=backend)
+    pre = topk_encode(x, W_enc, b_enc, min(k_aux, ids.numel()), latents=ids, backend=backend, pre_bias=pre_bias)
     acts = _activate(pre.values, activation)
     e_hat = sparse_decode(acts, pre.indices, W_dec, None, backend=backend)
     return TopKSAEOutput(e_hat, acts, pre.indices, pre.values)

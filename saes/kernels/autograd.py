@@ -40,7 +40,11 @@ def _work_dtype(t: Tensor) -> torch.dtype:
 def encoder_backward(
     x: Tensor, W_enc: Tensor, b_enc: Tensor | None, indices: Tensor, g: Tensor, needs: tuple[bool, bool, bool]
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of ``x``, ``W_enc`` (``[d, M]``), ``b_enc`` from ``g = dL/dvalues`` (see module doc)."""
+    """Gradients of ``x``, ``W_enc`` (``[d, M]``), ``b_enc`` from ``g = dL/dvalues`` (see module doc).
+
+    ``needs[2]`` asks for the per-latent sums of ``g`` (the ``b_enc`` gradient, in ``b_enc``'s dtype,
+    or ``W_enc``'s when there is no bias) whether or not ``b_enc`` exists: a pre-bias needs them too.
+    """
     m = W_enc.shape[1]
     wd = _work_dtype(W_enc)
     g = g.to(wd)
@@ -49,12 +53,12 @@ def encoder_backward(
         grad_x = torch.nn.functional.embedding_bag(
             indices, latent_rows(W_enc).to(wd), per_sample_weights=g, mode="sum"
         ).to(x.dtype)
-    csr = latent_csr(indices, m) if needs[1] or (needs[2] and b_enc is not None) else None
+    csr = latent_csr(indices, m) if needs[1] or needs[2] else None
     if needs[1]:
         grad_w = scatter_rows(csr, x.to(wd), g).to(W_enc.dtype).t()
-    if needs[2] and b_enc is not None:  # a segment sum, deterministic on GPUs too (no atomics)
+    if needs[2]:  # a segment sum, deterministic on GPUs too (no atomics)
         ones = torch.ones(x.shape[0], 1, dtype=wd, device=g.device)
-        grad_b = scatter_rows(csr, ones, g)[:, 0].to(b_enc.dtype)
+        grad_b = scatter_rows(csr, ones, g)[:, 0].to((W_enc if b_enc is None else b_enc).dtype)
     return grad_x, grad_w, grad_b
 
 
@@ -75,25 +79,33 @@ def decoder_backward(
 
 
 class TopKEncodeFn(Function):
-    """``(values, indices) = topk(x @ W_enc + b_enc)`` with a sparse backward.
+    """``(values, indices) = topk((x - shift) @ W_enc + b_enc)`` with a sparse backward.
 
     ``encode`` is a callable ``(x, W_enc, b_enc) -> (values, indices)`` (a backend) whose indices
-    are global latent ids; it runs under no_grad in forward.
+    are global latent ids; it runs under no_grad in forward. ``shift`` (``[d]`` or None) is a
+    pre-bias such as a TopK SAE's ``b_dec``: its gradient is ``-W_enc @ s`` with ``s`` the per-latent
+    sums of ``g`` (``d * M`` work), where subtracting it outside would make autograd build the
+    ``[N, d]`` gradient of ``x - shift`` (an ``N * k * d`` gather) only to sum its rows.
     """
 
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, encode):  # type: ignore[override]
-        values, indices = encode(x, W_enc, b_enc)
-        ctx.save_for_backward(x, W_enc, b_enc, indices)
+    def forward(ctx, x, W_enc, b_enc, shift, encode):  # type: ignore[override]
+        xs = x if shift is None else x - shift
+        values, indices = encode(xs, W_enc, b_enc)
+        ctx.save_for_backward(xs, W_enc, b_enc, shift, indices)
         ctx.mark_non_differentiable(indices)
         return values, indices
 
     @staticmethod
     def backward(ctx, g_values, _g_indices):  # type: ignore[override]
-        x, W_enc, b_enc, indices = ctx.saved_tensors
-        needs = tuple(ctx.needs_input_grad[:3])
-        grads = encoder_backward(x, W_enc, b_enc, indices, g_values, needs)  # type: ignore[arg-type]
-        return (*grads, None)
+        xs, W_enc, b_enc, shift, indices = ctx.saved_tensors
+        need_x, need_w, need_b, need_shift = ctx.needs_input_grad[:4]
+        needs = (need_x, need_w, (need_b and b_enc is not None) or need_shift)
+        grad_x, grad_w, sums = encoder_backward(xs, W_enc, b_enc, indices, g_values, needs)  # type: ignore[arg-type]
+        grad_shift = None
+        if need_shift:
+            grad_shift = -(W_enc.to(sums.dtype) @ sums).to(shift.dtype)
+        return grad_x, grad_w, sums if need_b and b_enc is not None else None, grad_shift, None
 
 
 class SparseDecodeFn(Function):

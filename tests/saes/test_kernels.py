@@ -192,6 +192,42 @@ def test_sae_forward_and_every_gradient(p, activation, d_out):
         torch.testing.assert_close(a.grad, r.grad, rtol=1e-9, atol=1e-9, msg=lambda s, name=name: f"{name}: {s}")
 
 
+@FAST
+@given(problems(max_m=200), st.booleans())
+def test_pre_bias_equals_subtracting_it(p, bias):
+    """``pre_bias=s`` (whose gradient skips the N x d one of ``x - s``) against the dense reference on
+    ``x - s``: selection, reconstruction, AuxK, and every gradient, the pre-bias's included."""
+    n, d, m, k, tile, integer, seed = p
+    params = make(n, d, m, integer, seed, torch.float64)
+    params[2] = params[2] if bias else None
+    shift = make(1, d, 1, integer, seed + 1, torch.float64)[0][0]
+    dead = torch.arange(m) % 3 == 0
+    k_aux = min(max(1, k // 2), int(dead.sum()))
+    ours = [None if t is None else t.clone().requires_grad_() for t in [*params, shift]]
+    ref = [None if t is None else t.clone().requires_grad_() for t in [*params, shift]]
+    x, W_enc, b_enc, W_dec, b_dec, s = ours
+    out = topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, tile=tile, backend="torch", pre_bias=s)
+    aux = auxk_forward(x, W_enc, b_enc, W_dec, k_aux, dead, backend="torch", pre_bias=s)
+    rx, rW, rb, rWd, rbd, rs = ref
+    x_hat, _, idx = dense_topk_sae(rx - rs, rW, rb, rWd, rbd, k)
+    e_hat = dense_auxk(rx - rs, rW, rb, rWd, k_aux, dead)
+    assert torch.equal(out.indices, idx)
+    torch.testing.assert_close(out.x_hat, x_hat, rtol=1e-9, atol=1e-9)
+    gen = torch.Generator().manual_seed(seed)
+    g, h = (torch.randn(x_hat.shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    ((out.x_hat * g).sum() + (aux.x_hat * h).sum()).backward()
+    ((x_hat * g).sum() + (e_hat * h).sum()).backward()
+    for name, a, r in zip(["x", "W_enc", "b_enc", "W_dec", "b_dec", "pre_bias"], ours, ref, strict=True):
+        if a is not None:
+            torch.testing.assert_close(a.grad, r.grad, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_pre_bias_shape_is_checked():
+    x, W, b, _, _ = make(4, 6, 20, False, 0, torch.float32)
+    with pytest.raises(ValueError, match=r"pre_bias must have shape \(6,\)"):
+        topk_encode(x, W, b, 3, pre_bias=torch.zeros(5))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dtypes(dtype):
     n, d, m, k = 64, 24, 700, 16
