@@ -11,8 +11,8 @@ itself 5-25% faster than one monolithic ``N x M`` call on the 2-core test machin
    order of the packed keys (:mod:`saes.kernels.keys`): value descending, ties to the lowest id.
 
 - ``compiled`` (default on CPU): :mod:`saes.kernels.cpu_select`, a numba kernel (rows split over
-  ``torch.get_num_threads()`` threads) that streams the block once and enters a chunk only if one of its values can beat the row's
-  current ``k``-th value. 5-25 ms per 4096 x 4096 block on 2 cores, against 30 ms for the best
+  ``torch.get_num_threads()`` threads) that streams the block once and enters a chunk only if one
+  of its values can beat the row's current ``k``-th value. 5-25 ms per 4096 x 4096 block on 2 cores, against 30 ms for the best
   torch-op formulation we found (and 34 ms for one ``torch.topk`` of the block).
 - ``torch`` (other devices, or without numba): a threshold ``tau`` per row that is at most its
   ``k``-th value so far (the running state's last key; on the first tile the ``k``-th largest
@@ -136,17 +136,16 @@ def topk_encode_torch(
     Returns ``(values [N, k], indices int64 [N, k])`` sorted by value descending, ties by index
     ascending. Values are fp32 (fp64 for fp64 inputs: ranked on their fp32 rounding, then
     recomputed exactly). ``tile`` is the number of latent columns per block, ``rows`` the rows per
-    block. ``select``: ``compiled`` (:mod:`saes.kernels.cpu_select`, CPU only), ``torch`` (the
-    max-pyramid over torch ops, any device) or ``auto`` (compiled on CPU when numba is installed).
+    block. ``select``: ``compiled`` (:mod:`saes.kernels.cpu_select`, CPU only), ``torch`` (a
+    running threshold over torch ops, any device) or ``auto`` (compiled on CPU when numba is installed).
     """
     n, _ = x.shape
     m = W_enc.shape[1]
     dtype = torch.float64 if torch.promote_types(x.dtype, W_enc.dtype) == torch.float64 else torch.float32
-    if select == "auto":
-        select = "compiled" if x.device.type == "cpu" and cpu_select.available() else "torch"
-    if select == "compiled" and not (x.device.type == "cpu" and cpu_select.available()):
+    can_compile = x.device.type == "cpu" and cpu_select.available()
+    if select == "compiled" and not can_compile:
         raise RuntimeError("the compiled top-k selection needs numba and CPU tensors")
-    compiled = select == "compiled"
+    compiled = select == "compiled" or (select == "auto" and can_compile)
     tile = max(min(tile or DEFAULT_TILE, m), min(m, 2 * (k + 1)))
     rows = max(1, min(n, rows or BLOCK_ELEMS // tile))
     buf = torch.empty(rows * (tile + GROUP**MAX_LEVELS), dtype=dtype, device=x.device)

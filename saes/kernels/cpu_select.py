@@ -94,8 +94,8 @@ def _merge_rows(pre, width, col0, vals, ids, fill, scratch):
         lo = np.float32(-np.inf)  # insert only values >= lo while the state is not full
         groups = scratch.shape[1]
         if n < k and groups > k:
-            # maxima of the strided groups {j, j + groups, j + 2 groups, ...} (vectorised), then their
-            # k-th largest (inserted into the empty state, which is reset afterwards)
+            # maxima of the strided groups {j, j + groups, j + 2 groups, ...}, then their k-th
+            # largest (inserted into the empty state, which is reset afterwards)
             maxima = scratch[r]
             for j in range(groups):
                 maxima[j] = np.float32(row[j])
@@ -104,7 +104,7 @@ def _merge_rows(pre, width, col0, vals, ids, fill, scratch):
                     v = np.float32(row[base + j])
                     m = maxima[j]
                     maxima[j] = v if (v > m or v != v) else m
-            tail = width - width % groups if width % groups else width
+            tail = width - width % groups  # the last, incomplete pass over the groups
             for j in range(tail, width):
                 v = np.float32(row[j])
                 m = maxima[j - tail]
