@@ -15,6 +15,11 @@ Given ``g = dL/dvalues``:
 - ``dL/dW_dec[m] = sum_{(n, j): idx = m} values[n, j] h[n]``  sorted ``embedding_bag``;
 - ``dL/db_dec = sum_n h[n]``.
 
+On CPU (fp32/fp64, numba installed) the pairs of each latent are walked once by the compiled
+kernels of :mod:`saes.kernels.cpu_sparse` instead: ``dL/dvalues`` and ``dL/dW_dec`` in one pass,
+``dL/dW_enc`` and the per-latent sums in another (the torch ops above remain for other devices
+and dtypes, and are tested to give the same gradients).
+
 Any loss built on the values (the TopK reconstruction, AuxK over dead latents, Multi-TopK) sends
 its gradient through these formulas, so the encoder always receives it. Gradients are computed in
 fp32 for fp16/bf16 inputs (on CUDA by the kernels' fp32 accumulators, without upcast copies of
@@ -28,13 +33,31 @@ import torch
 from torch import Tensor
 from torch.autograd import Function
 
-from saes.kernels.cpu import gather_dot, latent_csr, latent_rows, scatter_rows
+from saes.kernels import cpu_select, cpu_sparse
+from saes.kernels.cpu import LatentCSR, gather_dot, latent_csr, latent_rows, scatter_rows
 
 
 def _work_dtype(t: Tensor) -> torch.dtype:
     """fp32 for half inputs on CPU; on CUDA the gathers and segment sums accumulate in fp32 already."""
     half = t.dtype in (torch.float16, torch.bfloat16)
     return torch.float32 if half and t.device.type == "cpu" else t.dtype
+
+
+def _compiled(*tensors: Tensor) -> bool:
+    """Whether the compiled CPU kernels (:mod:`saes.kernels.cpu_sparse`) take these fp32/fp64 tensors."""
+    t0 = tensors[0]
+    return (
+        cpu_select.available()
+        and t0.device.type == "cpu"
+        and t0.dtype in (torch.float32, torch.float64)
+        and all(t.dtype == t0.dtype and t.device == t0.device for t in tensors)
+    )
+
+
+def _csr_arrays(csr: LatentCSR, pairs: int):
+    """``(offsets [M + 1], order)`` as numpy arrays for the compiled kernels."""
+    offsets = torch.cat([csr.offsets, csr.offsets.new_tensor([pairs])])
+    return offsets.numpy(), csr.order.numpy()
 
 
 def encoder_backward(
@@ -54,6 +77,20 @@ def encoder_backward(
             indices, latent_rows(W_enc).to(wd), per_sample_weights=g, mode="sum"
         ).to(x.dtype)
     csr = latent_csr(indices, m) if needs[1] or needs[2] else None
+    if needs[1] and csr is not None and _compiled(xs := x.to(wd), g):
+        offsets, order = _csr_arrays(csr, indices.numel())
+        rows, sums = cpu_sparse.encoder_backward(
+            offsets,
+            order,
+            indices.shape[1],
+            g.contiguous().reshape(-1).numpy(),
+            xs.contiguous().numpy(),
+            torch.get_num_threads(),
+        )
+        grad_w = torch.from_numpy(rows).to(W_enc.dtype).t()
+        if needs[2]:
+            grad_b = torch.from_numpy(sums).to((W_enc if b_enc is None else b_enc).dtype)
+        return grad_x, grad_w, grad_b
     if needs[1]:
         grad_w = scatter_rows(csr, x.to(wd), g).to(W_enc.dtype).t()
     if needs[2]:  # a segment sum, deterministic on GPUs too (no atomics)
@@ -69,6 +106,21 @@ def decoder_backward(
     wd = _work_dtype(W_dec)
     h = h.to(wd)
     grad_v = grad_w = grad_b = None
+    if needs[0] and needs[1] and _compiled(W_dec.to(wd), h):
+        csr = latent_csr(indices, W_dec.shape[0])
+        offsets, order = _csr_arrays(csr, indices.numel())
+        gv, gw = cpu_sparse.decoder_backward(
+            offsets,
+            order,
+            indices.shape[1],
+            values.to(wd).contiguous().reshape(-1).numpy(),
+            W_dec.to(wd).contiguous().numpy(),
+            h.contiguous().numpy(),
+            torch.get_num_threads(),
+        )
+        grad_v = torch.from_numpy(gv).view(indices.shape).to(values.dtype)
+        grad_w = torch.from_numpy(gw).to(W_dec.dtype)
+        needs = (False, False, needs[2])
     if needs[0]:
         grad_v = gather_dot(indices, W_dec.to(wd), h).to(values.dtype)
     if needs[1]:

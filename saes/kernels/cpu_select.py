@@ -142,27 +142,31 @@ def merge_block(pre, width: int, col0: int, vals, ids, fill, threads: int) -> No
     running state ``vals`` (fp32 ``[rows, k]``), ``ids`` (int64 ``[rows, k]``), ``fill`` (int64
     ``[rows]``, entries in use: 0 before the first block), in place.
 
-    The rows are split into ``threads`` contiguous ranges, each merged by the compiled kernel on its
-    own Python thread (the kernel releases the GIL). Plain threads rather than numba's parallel
-    layers: those are not fork-safe (a process forked after an OpenMP region hangs in its first
-    parallel torch op) and the workqueue layer aborts on concurrent calls.
+    The rows are split into ``threads`` contiguous ranges (:func:`run_parts`).
     """
     rows, k = vals.shape
     first = rows > 0 and fill[0] < k
     scratch = np.empty((rows, min(width, 2 * k) if first else 0), dtype=np.float32)
     parts = max(1, min(threads, rows // 64))
     bounds = [rows * i // parts for i in range(parts + 1)]
+    run_parts(bounds, lambda a, b: _merge_rows(pre[a:b], width, col0, vals[a:b], ids[a:b], fill[a:b], scratch[a:b]))
 
+
+def run_parts(bounds: list[int], fn) -> None:
+    """``fn(bounds[i], bounds[i + 1])`` for each consecutive pair, each on its own Python thread (the
+    first on the calling one); compiled kernels release the GIL. Plain threads rather than numba's
+    parallel layers: those are not fork-safe (a process forked after an OpenMP region hangs in its
+    first parallel torch op) and the workqueue layer aborts on concurrent calls. The first error is
+    re-raised in the calling thread."""
     errors: list[BaseException] = []
 
     def run(i: int) -> None:
-        a, b = bounds[i], bounds[i + 1]
         try:
-            _merge_rows(pre[a:b], width, col0, vals[a:b], ids[a:b], fill[a:b], scratch[a:b])
-        except BaseException as e:  # re-raised in the calling thread
+            fn(bounds[i], bounds[i + 1])
+        except BaseException as e:
             errors.append(e)
 
-    workers = [threading.Thread(target=run, args=(i,)) for i in range(1, parts)]
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(1, len(bounds) - 1)]
     for w in workers:
         w.start()
     run(0)

@@ -16,10 +16,12 @@ script to execute those cases.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -174,9 +176,17 @@ def test_compiled_selection_is_fork_safe():
     assert not hung and child.exitcode == 0
 
 
+def backward_path(path: str):
+    """``compiled``: the numba backward kernels (the CPU default); ``torch``: the torch-op backward."""
+    if path == "compiled":
+        return contextlib.nullcontext()
+    return mock.patch("saes.kernels.autograd._compiled", lambda *tensors: False)
+
+
+@pytest.mark.parametrize("path", ["compiled", "torch"])
 @FAST
 @given(problems(max_m=200), st.sampled_from(["relu", "identity"]), st.integers(1, 12))
-def test_sae_forward_and_every_gradient(p, activation, d_out):
+def test_sae_forward_and_every_gradient(path, p, activation, d_out):
     n, d, m, k, tile, integer, seed = p
     params = make(n, d, m, integer, seed, torch.float64, d_out)
     ours = [t.clone().requires_grad_() for t in params]
@@ -186,10 +196,33 @@ def test_sae_forward_and_every_gradient(p, activation, d_out):
     assert torch.equal(out.indices, idx)
     torch.testing.assert_close(out.x_hat, x_hat, rtol=1e-9, atol=1e-9)
     g = torch.randn(x_hat.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    (out.x_hat * g).sum().backward()
+    with backward_path(path):
+        (out.x_hat * g).sum().backward()
     (x_hat * g).sum().backward()
     for name, a, r in zip(["x", "W_enc", "b_enc", "W_dec", "b_dec"], ours, ref, strict=True):
         torch.testing.assert_close(a.grad, r.grad, rtol=1e-9, atol=1e-9, msg=lambda s, name=name: f"{name}: {s}")
+
+
+@FAST
+@given(problems(max_m=200), st.booleans(), st.booleans())
+def test_compiled_and_torch_backward_agree(p, pre_bias, nan):
+    """The compiled backward kernels and the torch-op backward give identical gradients on
+    integer-valued fp32 data (exact sums whatever the order), NaN in the upstream gradient included."""
+    n, d, m, k, tile, _, seed = p
+    params = make(n, d, m, True, seed, torch.float32)
+    g = torch.randint(-3, 4, (n, d), generator=torch.Generator().manual_seed(seed)).float()
+    if nan:
+        g[seed % n, seed % d] = float("nan")
+    grads = []
+    for path in ("compiled", "torch"):
+        x, W_enc, b_enc, W_dec, b_dec = [t.clone().requires_grad_() for t in params]
+        shift = b_dec if pre_bias else None
+        out = topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, k, tile=tile, pre_bias=shift)
+        with backward_path(path):
+            (out.x_hat * g).sum().backward()
+        grads.append([t.grad for t in (x, W_enc, b_enc, W_dec, b_dec)])
+    for name, a, t in zip(["x", "W_enc", "b_enc", "W_dec", "b_dec"], *grads, strict=True):
+        torch.testing.assert_close(a, t, rtol=0, atol=0, equal_nan=True, msg=lambda s, name=name: f"{name}: {s}")
 
 
 @FAST
