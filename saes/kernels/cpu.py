@@ -130,6 +130,7 @@ def topk_encode_torch(
     tile: int | None = None,
     rows: int | None = None,
     select: str = "auto",
+    gemm: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """Top-``k`` of ``x @ W_enc + b_enc`` per row, without materialising ``N x M``.
 
@@ -137,8 +138,14 @@ def topk_encode_torch(
     ascending. Values are fp32 (fp64 for fp64 inputs: ranked on their fp32 rounding, then
     recomputed exactly). ``tile`` is the number of latent columns per block, ``rows`` the rows per
     block. ``select``: ``compiled`` (:mod:`saes.kernels.cpu_select`, CPU only), ``torch`` (a
-    running threshold over torch ops, any device) or ``auto`` (compiled on CPU when numba is installed).
+    running threshold over torch ops, any device) or ``auto`` (compiled on CPU when numba is
+    installed). ``gemm`` (compiled selection only): ``openblas`` (numpy's OpenBLAS, one thread per
+    part of the rows, see :func:`saes.kernels.cpu_select.encode_blocks`), ``torch`` (torch's BLAS on
+    all threads, then the selection) or ``auto`` (``openblas`` where it can run: fp32/fp64 inputs
+    of one dtype, numpy on OpenBLAS).
     """
+    if select not in ("auto", "compiled", "torch") or gemm not in ("auto", "openblas", "torch"):
+        raise ValueError(f"select must be auto/compiled/torch and gemm auto/openblas/torch, got {select!r}, {gemm!r}")
     n, _ = x.shape
     m = W_enc.shape[1]
     dtype = torch.float64 if torch.promote_types(x.dtype, W_enc.dtype) == torch.float64 else torch.float32
@@ -146,16 +153,29 @@ def topk_encode_torch(
     if select == "compiled" and not can_compile:
         raise RuntimeError("the compiled top-k selection needs numba and CPU tensors")
     compiled = select == "compiled" or (select == "auto" and can_compile)
+    same = x.dtype == W_enc.dtype == dtype and (b_enc is None or b_enc.dtype == dtype)
+    can_blas = compiled and same and cpu_select.blas_available()
+    if gemm == "openblas" and not can_blas:
+        raise RuntimeError("the OpenBLAS GEMM path needs the compiled selection, numpy on OpenBLAS and one float dtype")
     tile = max(min(tile or DEFAULT_TILE, m), min(m, 2 * (k + 1)))
+    k = min(k, m)
+    threads = torch.get_num_threads()
+    if can_blas and gemm != "torch":
+        parts = max(1, min(threads, n // 64))
+        rows = max(1, min(n, rows or BLOCK_ELEMS // tile // parts))
+        bias = torch.zeros(m, dtype=dtype) if b_enc is None else b_enc.detach().contiguous()
+        vals, ids = cpu_select.encode_blocks(
+            x.detach().contiguous().numpy(), W_enc.detach().numpy(), bias.numpy(), k, tile, rows, threads
+        )
+        values, indices = torch.from_numpy(vals), torch.from_numpy(ids)
+        return _exact_fp64(values, indices, x, W_enc, b_enc) if dtype == torch.float64 else (values, indices)
     rows = max(1, min(n, rows or BLOCK_ELEMS // tile))
     buf = torch.empty(rows * (tile + GROUP**MAX_LEVELS), dtype=dtype, device=x.device)
     xc = x if x.dtype == dtype else None
-    k = min(k, m)
     if compiled:
         top_vals = torch.empty(n, k, dtype=torch.float32)
         top_ids = torch.empty(n, k, dtype=torch.int64)
         fill = torch.zeros(n, dtype=torch.int64)
-        threads = torch.get_num_threads()
     else:
         state = torch.empty(n, k, dtype=torch.int64, device=x.device)
     for c0 in range(0, m, tile):
@@ -169,13 +189,20 @@ def topk_encode_torch(
             r1 = min(n, r0 + rows)
             xr = xc[r0:r1] if xc is not None else x[r0:r1].to(dtype)
             pre = buf[: (r1 - r0) * padded].view(r1 - r0, padded)
-            if b_tile is None:
+            if b_tile is None or compiled:  # the compiled selection adds the bias itself
                 torch.mm(xr, w_tile, out=pre[:, :width])
             else:
                 torch.addmm(b_tile, xr, w_tile, out=pre[:, :width])
             if compiled:
                 cpu_select.merge_block(
-                    pre.numpy(), width, c0, top_vals[r0:r1].numpy(), top_ids[r0:r1].numpy(), fill[r0:r1].numpy(), threads
+                    pre.numpy(),
+                    width,
+                    c0,
+                    top_vals[r0:r1].numpy(),
+                    top_ids[r0:r1].numpy(),
+                    fill[r0:r1].numpy(),
+                    threads,
+                    None if b_tile is None else b_tile.contiguous().numpy(),
                 )
                 continue
             if padded > width:
@@ -186,10 +213,14 @@ def topk_encode_torch(
             else:
                 state[r0:r1] = _merge_block(pre, width, None if c0 == 0 else state[r0:r1], levels, k, c0)
     values, indices = (top_vals, top_ids) if compiled else unpack_keys(state)
-    if dtype == torch.float64:  # keys rank fp32-rounded values; give back exact fp64 values
-        values = gather_dot(indices, latent_rows(W_enc).to(dtype), x.to(dtype))
-        if b_enc is not None:
-            values = values + b_enc.to(dtype)[indices]
+    return _exact_fp64(values, indices, x, W_enc, b_enc) if dtype == torch.float64 else (values, indices)
+
+
+def _exact_fp64(values: Tensor, indices: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor | None) -> tuple[Tensor, Tensor]:
+    """fp64 inputs: the keys ranked fp32-rounded values; give back the exact fp64 values."""
+    values = gather_dot(indices, latent_rows(W_enc).to(torch.float64), x.to(torch.float64))
+    if b_enc is not None:
+        values = values + b_enc.to(torch.float64)[indices]
     return values, indices
 
 

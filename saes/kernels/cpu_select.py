@@ -57,23 +57,24 @@ def _insert(vals, ids, r, n, k, v, col):
     return n + 1 if n < k else k
 
 
-def _may_enter(row, c0, size, bound, strict):
-    """Whether some ``row[c0 : c0 + size]`` is not ``<= bound`` (``strict``) or not ``< bound``: NaN
-    counts. A branch-free count that the compiler vectorises."""
+def _may_enter(row, bias, c0, size, bound, strict):
+    """Whether some ``row[c0 : c0 + size] + bias[...]`` is not ``<= bound`` (``strict``) or not
+    ``< bound``: NaN counts. A branch-free count that the compiler vectorises."""
     hits = 0
     if strict:
         for j in range(size):
-            hits += np.int32(not (np.float32(row[c0 + j]) <= bound))
+            hits += np.int32(not (np.float32(row[c0 + j] + bias[c0 + j]) <= bound))
     else:
         for j in range(size):
-            hits += np.int32(not (np.float32(row[c0 + j]) < bound))
+            hits += np.int32(not (np.float32(row[c0 + j] + bias[c0 + j]) < bound))
     return hits > 0
 
 
-def _scan(row, j0, j1, lo, col0, vals, ids, r, n, k):
-    """Insert the values of ``row[j0:j1]`` that enter the running top-``k``; returns the new fill."""
+def _scan(row, bias, j0, j1, lo, col0, vals, ids, r, n, k):
+    """Insert the values of ``row[j0:j1] + bias[j0:j1]`` that enter the running top-``k``; returns
+    the new fill."""
     for j in range(j0, j1):
-        v = np.float32(row[j])
+        v = np.float32(row[j] + bias[j])
         if n < k:
             if v < lo:
                 continue
@@ -85,7 +86,7 @@ def _scan(row, j0, j1, lo, col0, vals, ids, r, n, k):
     return n
 
 
-def _merge_rows(pre, width, col0, vals, ids, fill, scratch):
+def _merge_rows(pre, bias, width, col0, vals, ids, fill, scratch):
     rows = pre.shape[0]
     k = vals.shape[1]
     for r in range(rows):
@@ -98,15 +99,15 @@ def _merge_rows(pre, width, col0, vals, ids, fill, scratch):
             # largest (inserted into the empty state, which is reset afterwards)
             maxima = scratch[r]
             for j in range(groups):
-                maxima[j] = np.float32(row[j])
+                maxima[j] = np.float32(row[j] + bias[j])
             for base in range(groups, width - groups + 1, groups):
                 for j in range(groups):
-                    v = np.float32(row[base + j])
+                    v = np.float32(row[base + j] + bias[base + j])
                     m = maxima[j]
                     maxima[j] = v if (v > m or v != v) else m
             tail = width - width % groups  # the last, incomplete pass over the groups
             for j in range(tail, width):
-                v = np.float32(row[j])
+                v = np.float32(row[j] + bias[j])
                 m = maxima[j - tail]
                 maxima[j - tail] = v if (v > m or v != v) else m
             for j in range(groups):
@@ -115,13 +116,13 @@ def _merge_rows(pre, width, col0, vals, ids, fill, scratch):
             n = 0
         full = width - width % BIG
         for c0 in range(0, full, BIG):
-            if not _may_enter(row, c0, BIG, vals[r, k - 1] if n == k else lo, n == k):
+            if not _may_enter(row, bias, c0, BIG, vals[r, k - 1] if n == k else lo, n == k):
                 continue
             for s0 in range(c0, c0 + BIG, SMALL):
-                if not _may_enter(row, s0, SMALL, vals[r, k - 1] if n == k else lo, n == k):
+                if not _may_enter(row, bias, s0, SMALL, vals[r, k - 1] if n == k else lo, n == k):
                     continue
-                n = _scan(row, s0, s0 + SMALL, lo, col0, vals, ids, r, n, k)
-        n = _scan(row, full, width, lo, col0, vals, ids, r, n, k)
+                n = _scan(row, bias, s0, s0 + SMALL, lo, col0, vals, ids, r, n, k)
+        n = _scan(row, bias, full, width, lo, col0, vals, ids, r, n, k)
         fill[r] = n
 
 
@@ -137,19 +138,80 @@ def available() -> bool:
     return njit is not None
 
 
-def merge_block(pre, width: int, col0: int, vals, ids, fill, threads: int) -> None:
-    """Merge ``pre[:, :width]`` (numpy fp32/fp64, C-contiguous rows; latent ids ``col0 + j``) into the
-    running state ``vals`` (fp32 ``[rows, k]``), ``ids`` (int64 ``[rows, k]``), ``fill`` (int64
-    ``[rows]``, entries in use: 0 before the first block), in place.
+def merge_block(pre, width: int, col0: int, vals, ids, fill, threads: int, bias=None) -> None:
+    """Merge ``pre[:, :width] + bias`` (numpy fp32/fp64, C-contiguous rows; latent ids ``col0 + j``;
+    ``bias [width]`` or None) into the running state ``vals`` (fp32 ``[rows, k]``), ``ids`` (int64
+    ``[rows, k]``), ``fill`` (int64 ``[rows]``, entries in use: 0 before the first block), in place.
 
     The rows are split into ``threads`` contiguous ranges (:func:`run_parts`).
     """
     rows, k = vals.shape
     first = rows > 0 and fill[0] < k
     scratch = np.empty((rows, min(width, 2 * k) if first else 0), dtype=np.float32)
+    bias = np.zeros(width, pre.dtype) if bias is None else bias
     parts = max(1, min(threads, rows // 64))
     bounds = [rows * i // parts for i in range(parts + 1)]
-    run_parts(bounds, lambda a, b: _merge_rows(pre[a:b], width, col0, vals[a:b], ids[a:b], fill[a:b], scratch[a:b]))
+    run_parts(
+        bounds, lambda a, b: _merge_rows(pre[a:b], bias, width, col0, vals[a:b], ids[a:b], fill[a:b], scratch[a:b])
+    )
+
+
+_OPENBLAS = None
+
+
+def _openblas():
+    """threadpoolctl's handle on numpy's OpenBLAS, or False (numpy on another BLAS, or no threadpoolctl)."""
+    global _OPENBLAS
+    if _OPENBLAS is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]["name"]
+            ctl = ThreadpoolController().select(internal_api="openblas")
+            _OPENBLAS = ctl if "openblas" in str(blas).lower() and ctl.lib_controllers else False
+        except Exception:  # an unknown numpy build: the torch GEMM path runs
+            _OPENBLAS = False
+    return _OPENBLAS
+
+
+def blas_available() -> bool:
+    """Whether :func:`encode_blocks` can run: numba, and numpy on OpenBLAS that threadpoolctl can pin."""
+    return njit is not None and bool(_openblas())
+
+
+def encode_blocks(x, W, bias, k: int, tile: int, rows: int, threads: int):
+    """Top-``k`` of ``x @ W + bias`` per row: ``(values fp32 [N, k], ids int64 [N, k])``.
+
+    ``x [N, d]``, ``W [d, M]`` (any strides with a unit one), ``bias [M]``: numpy arrays of one float
+    dtype. The rows are split into ``threads`` parts; each part runs on its own thread, block after
+    block: a single-threaded OpenBLAS GEMM of ``rows x tile`` pre-activations (without bias) into its
+    own buffer, then :func:`_merge_rows` (which adds the bias) on the same thread, while the block is
+    in cache. No barrier between the GEMM and the selection, and no BLAS worker threads spinning
+    on the cores the selection needs (OpenBLAS is pinned to one thread for the call).
+    """
+    n, m = x.shape[0], W.shape[1]
+    vals = np.empty((n, k), np.float32)
+    ids = np.empty((n, k), np.int64)
+    fill = np.zeros(n, np.int64)
+    parts = max(1, min(threads, n // 64))
+    bounds = [n * i // parts for i in range(parts + 1)]
+
+    def part(a: int, b: int) -> None:
+        size = min(rows, b - a)
+        buf = np.empty(size * min(tile, m), dtype=x.dtype)
+        scratch = np.empty((size, min(tile, m, 2 * k)), dtype=np.float32)
+        for r0 in range(a, b, size):
+            r1 = min(b, r0 + size)
+            for c0 in range(0, m, tile):
+                width = min(tile, m - c0)
+                pre = buf[: (r1 - r0) * width].reshape(r1 - r0, width)
+                np.matmul(x[r0:r1], W[:, c0 : c0 + width], out=pre)
+                first = scratch[: r1 - r0] if c0 == 0 else scratch[: r1 - r0, :0]
+                _merge_rows(pre, bias[c0 : c0 + width], width, c0, vals[r0:r1], ids[r0:r1], fill[r0:r1], first)
+
+    with _openblas().limit(limits=1):
+        run_parts(bounds, part)
+    return vals, ids
 
 
 def run_parts(bounds: list[int], fn) -> None:

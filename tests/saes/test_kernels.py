@@ -116,20 +116,25 @@ def test_encode_large_latent_counts(n, m, k, tile, integer):
         check_selection(values, indices, pre, k, TOL[torch.float32])
 
 
-@pytest.mark.parametrize("select", ["compiled", "torch"])
+PATHS = [("compiled", "openblas"), ("compiled", "torch"), ("torch", "torch")]
+"""(selection, GEMM) of the CPU encoder: the default, the compiled selection after torch's GEMMs, torch ops."""
+
+
+@pytest.mark.parametrize(("select", "gemm"), PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("tile", "rows"), [(None, None), (1000, 7), (97, 16)])
-def test_encode_threshold_edge_cases(select, dtype, tile, rows):
-    """Both running-threshold selections: row chunks, rows where hundreds of latents tie (a zero
-    input row, so every pre-activation is its bias), NaN latents (they rank first) and -inf ones."""
+def test_encode_threshold_edge_cases(select, gemm, dtype, tile, rows):
+    """Every CPU path: row chunks (and two threads' parts of the rows), rows where hundreds of
+    latents tie (a zero input row, so every pre-activation is its bias), NaN latents (they rank
+    first) and -inf ones."""
     from saes.kernels.cpu import topk_encode_torch
 
-    n, m, k = 40, 3000, 16
+    n, m, k = 150, 3000, 16
     x, W, b, _, _ = make(n, 6, m, True, 11, dtype)
     x[3] = 0
     b[[17, 2500]] = float("nan")
     b[100] = float("-inf")
-    values, indices = topk_encode_torch(x, W, b, k, tile=tile, rows=rows, select=select)
+    values, indices = topk_encode_torch(x, W, b, k, tile=tile, rows=rows, select=select, gemm=gemm)
     pre = dense_pre_acts(x, W, b)
     ref = dense_topk_indices(pre, k)
     assert torch.equal(indices, ref)
@@ -138,31 +143,36 @@ def test_encode_threshold_edge_cases(select, dtype, tile, rows):
 
 
 @FAST
-@given(problems(), st.integers(1, 30))
-def test_compiled_and_torch_selection_agree(p, rows):
-    """The compiled (numba) and the torch selections are both exact: identical ids and values.
-    Integer-valued data (exact arithmetic, many ties): the two paths lay out their GEMM blocks
-    differently, which may change the rounding of continuous data by an ulp."""
+@given(problems(max_n=300), st.integers(1, 30), st.booleans())
+def test_cpu_encoder_paths_agree(p, rows, bias):
+    """The CPU paths (compiled selection after OpenBLAS or torch GEMMs, torch-op selection) are all
+    exact: identical ids and values. Integer-valued data (exact arithmetic, many ties): the paths lay
+    out their GEMM blocks differently, which may change the rounding of continuous data by an ulp."""
     from saes.kernels.cpu import topk_encode_torch
 
     n, d, m, k, tile, _, seed = p
     x, W, b, _, _ = make(n, d, m, True, seed, torch.float32)
-    a = topk_encode_torch(x, W, b, k, tile=tile, rows=rows, select="compiled")
-    t = topk_encode_torch(x, W, b, k, tile=tile, rows=rows, select="torch")
-    assert torch.equal(a[1], t[1]) and torch.equal(a[0], t[0])
+    out = [
+        topk_encode_torch(x, W, b if bias else None, k, tile=tile, rows=rows, select=s, gemm=g) for s, g in PATHS
+    ]
+    for values, indices in out[1:]:
+        assert torch.equal(indices, out[0][1]) and torch.equal(values, out[0][0])
 
 
 def _select_in_child(pre, k) -> None:
     from saes.kernels import cpu_select
+    from saes.kernels.cpu import topk_encode_torch
 
     vals, ids = np.empty((pre.shape[0], k), np.float32), np.empty((pre.shape[0], k), np.int64)
     cpu_select.merge_block(pre, pre.shape[1], 0, vals, ids, np.zeros(pre.shape[0], np.int64), 2)
     assert (ids == np.argsort(-pre, axis=1, kind="stable")[:, :k]).all()
+    eye = torch.eye(pre.shape[0])  # the encoder (OpenBLAS GEMMs on two threads) selects from the same
+    assert torch.equal(topk_encode_torch(eye, torch.from_numpy(pre), None, k, gemm="openblas")[1], torch.from_numpy(ids))
 
 
 def test_compiled_selection_is_fork_safe():
-    """The compiled selection runs on plain threads: a process forked after it ran can run it again
-    (numba's OpenMP layer hangs there)."""
+    """The compiled selection and the OpenBLAS encoder run on plain threads: a process forked after
+    they ran can run them again (numba's OpenMP layer hangs there)."""
     import multiprocessing
 
     pre = np.random.default_rng(0).standard_normal((512, 3000)).astype(np.float32)
