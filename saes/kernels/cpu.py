@@ -1,27 +1,28 @@
 """Torch backend (used on CPU; also runs on any device): tiled top-k encoder, sparse decode, sparse grads.
 
 Encoder. The latent dimension is cut into tiles of ``tile`` columns and the rows into chunks of
-``rows``, one block (``rows x tile``, at most 64 MB in fp32) at a time. Tall, narrow blocks (all the
-rows of a 4096-row batch against 4096 latents, whose encoder slice stays in cache) make the GEMM
-itself 5-25% faster than one monolithic ``N x M`` call on the 2-core test machine (measured with
-``tile``/``rows`` sweeps: 256 x 8192 blocks were 10-20% *slower* than the monolithic call). Per block:
+``rows``, one block of pre-activations (``rows x tile``, at most 64 MB in fp32) at a time; each
+block is merged into every row's running top-k and then overwritten. Memory: ``N * k`` values and
+ids plus the blocks, never ``N x M``. Selection is done on fp32 (fp64 for fp64) pre-activations,
+whatever the input dtype. Three paths, all exact and in the order of the packed keys
+(:mod:`saes.kernels.keys`: value descending, ties to the lowest id), tested to agree bit for bit:
 
-1. ``addmm`` writes ``x_chunk @ W_enc[:, tile] + b_enc[tile]`` into a reused buffer;
-2. the block is merged into each row's running top-k. Both selections below are exact and keep the
-   order of the packed keys (:mod:`saes.kernels.keys`): value descending, ties to the lowest id.
-
-- ``compiled`` (default on CPU): :mod:`saes.kernels.cpu_select`, a numba kernel (rows split over
-  ``torch.get_num_threads()`` threads) that streams the block once and enters a chunk only if one
-  of its values can beat the row's current ``k``-th value. 5-25 ms per 4096 x 4096 block on 2 cores, against 30 ms for the best
-  torch-op formulation we found (and 34 ms for one ``torch.topk`` of the block).
-- ``torch`` (other devices, or without numba): a threshold ``tau`` per row that is at most its
-  ``k``-th value so far (the running state's last key; on the first tile the ``k``-th largest
-  maximum at the top of a max-pyramid of strided groups); the candidates ``>= tau`` are found
-  through the maxima of strided groups of ``GROUP`` columns (``amax`` + ``nonzero``), packed into
-  keys and merged with the state by one ``topk``.
-
-Memory: ``N * k`` values and ids plus one block, never ``N x M``. Selection is done on fp32 (fp64
-for fp64) pre-activations, whatever the input dtype.
+- default on CPU (fp32/fp64, numba, numpy on OpenBLAS): :func:`saes.kernels.cpu_select.encode_blocks`.
+  The rows are split over ``torch.get_num_threads()`` threads; each runs single-threaded OpenBLAS
+  GEMMs on its rows, block after block, and the compiled selection on each block right after, on
+  the same thread. On the 2-core AMD EPYC test machine OpenBLAS's sgemm runs ~1.3x faster than
+  the MKL sgemm of torch's CPU wheels (187 vs 141 GFLOP/s on a 4096 x 768 x 4096 block), and no
+  BLAS thread spins on a core while the selection runs.
+- ``gemm="torch"``: torch GEMMs (``mm`` on all threads, 4096 x 4096 blocks: 5-25% faster than one
+  monolithic call on the test machine), then the compiled selection over the block
+  (:func:`saes.kernels.cpu_select.merge_block`, rows split over threads): a chunk is entered only
+  if one of its values can beat the row's current ``k``-th. 5-25 ms per 4096 x 4096 block on 2 cores
+  against 30 ms for the best torch-op formulation we found (and 34 ms for one ``torch.topk``).
+- ``select="torch"`` (other devices, or without numba): ``addmm`` blocks, then a threshold ``tau``
+  per row that is at most its ``k``-th value so far (the running state's last key; on the first
+  tile the ``k``-th largest maximum at the top of a max-pyramid of strided groups); the candidates
+  ``>= tau`` are found through the maxima of strided groups of ``GROUP`` columns (``amax`` +
+  ``nonzero``), packed into keys and merged with the state by one ``topk``.
 
 Backward helpers. The (row, latent) pairs are sorted by latent once (a CSR view of the sparse
 code); ``F.embedding_bag`` over that order with per-sample weights gives dense ``[M, d]``

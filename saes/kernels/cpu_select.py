@@ -19,6 +19,11 @@ Per row and block:
 - Blocks arrive in increasing latent order and a row is scanned left to right, so a new value enters
   only if it beats the ``k``-th strictly (an equal value has a larger id and loses the tie).
 
+The bias is added while reading (the GEMMs write ``x @ W`` only). :func:`encode_blocks` drives the
+whole encoder on CPU: each thread runs single-threaded OpenBLAS GEMMs on its part of the rows and
+merges each block right after, on the same thread; :func:`merge_block` merges one block computed
+elsewhere (torch's GEMMs), its rows split over threads.
+
 Insertion keeps the state sorted (a shift of at most ``k`` entries). The result is exact: the same
 values and ids as ``topk`` over the packed keys of the whole row. Tested against the torch path and
 the dense reference in ``tests/saes/test_kernels.py``.

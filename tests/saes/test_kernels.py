@@ -355,6 +355,14 @@ def test_errors():
     if os.environ.get("TRITON_INTERPRET") != "1":  # no Triton on CPU tensors without the interpreter
         with pytest.raises(RuntimeError, match="triton|TRITON_INTERPRET"):
             topk_encode(x, W, b, 2, backend="triton")
+    from saes.kernels.cpu import topk_encode_torch
+
+    with pytest.raises(ValueError, match="select must be"):
+        topk_encode_torch(x, W, b, 2, select="numba")
+    with pytest.raises(ValueError, match="gemm"):
+        topk_encode_torch(x, W, b, 2, gemm="mkl")
+    with pytest.raises(RuntimeError, match="OpenBLAS GEMM path needs"):  # one float dtype
+        topk_encode_torch(x, W.double(), b, 2, gemm="openblas")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
