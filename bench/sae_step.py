@@ -12,6 +12,8 @@ with ``OMP_WAIT_POLICY=PASSIVE`` (what the ``steerscope`` command sets; override
 - ``ours``: :func:`saes.kernels.topk_sae_forward` (tiled top-k encoder with the compiled running
   top-k selection, sparse decode and backward; the pre-bias passed as ``pre_bias``, as steerscope's
   TopK SAE does); the encoder is stored latent-major (``[d_sae, d_in]``) and passed as ``.T``;
+- ``ours-torch-gemm``: the same, with the encoder's blocks computed by torch's GEMM (MKL) instead
+  of OpenBLAS: what ours gains from the BLAS alone, the rest of the design unchanged;
 - ``naive``: dense reference (matmul, torch.topk, scatter, dense decode, autograd);
 - ``saelens``: SAELens 6 ``TopKTrainingSAE.training_forward_pass`` (dense decode), with
   ``rescale_acts_by_decoder_norm=False`` so that all rows compute the same function;
@@ -47,7 +49,7 @@ WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
 """OpenMP's idle-thread policy in every worker, whatever the implementation (steerscope's CLI uses
 PASSIVE: threads spinning after a GEMM would take the cores of our selection threads)."""
 
-IMPLS = ["ours", "naive", "saelens", "saelens-sparse", "sparsify", "sparsify-eager", "gemm", "gemm-openblas"]
+IMPLS = ["ours", "ours-torch-gemm", "naive", "saelens", "saelens-sparse", "sparsify", "sparsify-eager", "gemm", "gemm-openblas"]
 
 
 def _mem() -> dict[str, float]:
@@ -79,7 +81,11 @@ def _setup(impl: str, d: int, m: int, k: int, n: int):
         xn, wn, bn = x.numpy(), w_enc.numpy().T, torch.zeros(m).numpy()
         threadpool_limits(torch.get_num_threads(), user_api="blas")
         return (lambda: np.add(np.matmul(xn, wn), bn)), []
-    if impl in ("ours", "naive", "gemm"):
+    if impl == "ours-torch-gemm":
+        from saes.kernels import cpu_select
+
+        cpu_select.blas_available = lambda: False  # the encoder falls back to torch GEMMs
+    if impl in ("ours", "ours-torch-gemm", "naive", "gemm"):
         from saes.kernels import topk_sae_forward
         from saes.kernels.reference import dense_topk_sae
 
@@ -90,7 +96,7 @@ def _setup(impl: str, d: int, m: int, k: int, n: int):
             return (lambda: torch.addmm(b_enc.detach(), x, W_enc.detach().T)), []
 
         def loss():
-            if impl == "ours":
+            if impl.startswith("ours"):
                 x_hat = topk_sae_forward(x, W_enc.T, b_enc, W_dec, b_dec, k, pre_bias=b_dec).x_hat
             else:
                 x_hat = dense_topk_sae(x - b_dec, W_enc.T, b_enc, W_dec, b_dec, k, exact_ties=False)[0]
@@ -226,7 +232,7 @@ def main() -> None:
     for shape in shapes:
         results = {}
         for impl in impls:
-            steps = args.steps or (5 if impl in ("ours", "gemm", "gemm-openblas") or args.quick else 3)
+            steps = args.steps or (5 if impl.startswith(("ours", "gemm")) or args.quick else 3)
             results[impl] = run(impl, *shape, steps, args.threads, args.timeout)
             print(f"  {impl}: {results[impl]}", file=sys.stderr, flush=True)
         results.setdefault("ours", {})
