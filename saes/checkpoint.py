@@ -229,6 +229,9 @@ class DataParallel:
 
     def close(self) -> None:
         if self.owned:
+            # every rank past its last collective before any closes its connections (a rank that
+            # tears down while a peer is still inside an all_reduce can abort the peer's gloo thread)
+            dist.barrier()
             dist.destroy_process_group()
 
 
