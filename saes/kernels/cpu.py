@@ -161,6 +161,8 @@ def topk_encode_torch(
     tile = max(min(tile or DEFAULT_TILE, m), min(m, 2 * (k + 1)))
     k = min(k, m)
     threads = torch.get_num_threads()
+    if n == 0:
+        return torch.empty(0, k, dtype=dtype, device=x.device), torch.empty(0, k, dtype=torch.int64, device=x.device)
     if can_blas and gemm != "torch":
         parts = max(1, min(threads, n // 64))
         rows = max(1, min(n, rows or BLOCK_ELEMS // tile // parts))

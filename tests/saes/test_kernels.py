@@ -342,6 +342,18 @@ def test_latents_subset_batch_dims_and_partial_grads():
     assert Wd.grad is not None and Wd.grad[~torch.isin(torch.arange(50), ids)].abs().sum() == 0
 
 
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+def test_empty_batch(path):
+    """Zero rows: empty codes, an empty reconstruction and zero weight gradients, on every CPU path."""
+    x, W_enc, b_enc, W_dec, b_dec = [t.requires_grad_() for t in make(0, 6, 40, False, 0, torch.float32)]
+    out = topk_sae_forward(x, W_enc, b_enc, W_dec, b_dec, 4, pre_bias=b_dec)
+    assert out.indices.shape == (0, 4) and out.x_hat.shape == (0, 6)
+    with backward_path(path):
+        out.x_hat.sum().backward()
+    for p in (W_enc, b_enc, W_dec, b_dec):
+        assert p.grad is not None and not p.grad.any()
+
+
 def test_errors():
     x, W, b, Wd, bd = make(4, 6, 10, False, 0, torch.float32)
     with pytest.raises(ValueError, match="k=11"):
