@@ -192,10 +192,9 @@ def encode_blocks(x, W, bias, k: int, tile: int, rows: int, threads: int):
     ``x [N, d]``, ``W [d, M]`` (any strides with a unit one), ``bias [M]``: numpy arrays of one float
     dtype. The rows are split into ``threads`` parts; each part runs on its own thread, block after
     block: a single-threaded OpenBLAS GEMM of ``rows x tile`` pre-activations (without bias) into its
-    own buffer, then :func:`_merge_rows` (which adds the bias) on the same thread, while the block is
-    in cache. No barrier between the GEMM and the selection, and no BLAS worker threads spinning
-    on the cores the selection needs (OpenBLAS is pinned to one thread for the call).
-    """
+    own buffer, then :func:`_merge_rows` (which adds the bias) on the same thread. No barrier
+    between the threads, and no BLAS worker thread spinning on the cores the selection needs
+    (OpenBLAS is pinned to one thread for the call)."""
     n, m = x.shape[0], W.shape[1]
     vals = np.empty((n, k), np.float32)
     ids = np.empty((n, k), np.int64)
