@@ -159,6 +159,28 @@ def test_cpu_encoder_paths_agree(p, rows, bias):
         assert torch.equal(indices, out[0][1]) and torch.equal(values, out[0][0])
 
 
+@FAST
+@given(st.integers(1, 40), st.integers(1, 300), st.integers(1, 40), st.integers(0, 2**31 - 1), st.booleans())
+def test_first_block_bound_is_below_the_kth_value(rows, width, k, seed, fp64):
+    """``first_bounds`` (the first block's threshold) never exceeds a row's k-th value in key order
+    (NaN first), with ties, NaN and infinities in the data; it also adds the bias in place."""
+    from saes.kernels.cpu_select import first_bounds
+
+    k = min(k, width)
+    rng = np.random.default_rng(seed)
+    dtype = np.float64 if fp64 else np.float32
+    pre = rng.integers(-3, 4, (rows, width)).astype(dtype)
+    pre[rng.random((rows, width)) < 0.05] = np.nan
+    pre[rng.random((rows, width)) < 0.05] = -np.inf
+    bias = rng.integers(-2, 3, width).astype(dtype)
+    full = pre + bias
+    lows = first_bounds(pre, bias, k)
+    np.testing.assert_array_equal(pre, full)
+    keys = np.where(np.isnan(full), np.inf, full.astype(np.float32))  # NaN ranks first
+    kth = -np.sort(-keys, axis=1)[:, k - 1]
+    assert (np.isnan(lows) | (lows <= kth)).all()
+
+
 def _select_in_child(pre, k) -> None:
     from saes.kernels import cpu_select
     from saes.kernels.cpu import topk_encode_torch
