@@ -43,15 +43,9 @@ def _work_dtype(t: Tensor) -> torch.dtype:
     return torch.float32 if half and t.device.type == "cpu" else t.dtype
 
 
-def _compiled(*tensors: Tensor) -> bool:
-    """Whether the compiled CPU kernels (:mod:`saes.kernels.cpu_sparse`) take these fp32/fp64 tensors."""
-    t0 = tensors[0]
-    return (
-        cpu_select.available()
-        and t0.device.type == "cpu"
-        and t0.dtype in (torch.float32, torch.float64)
-        and all(t.dtype == t0.dtype and t.device == t0.device for t in tensors)
-    )
+def _compiled(work: torch.dtype, device: torch.device) -> bool:
+    """Whether the compiled CPU kernels (:mod:`saes.kernels.cpu_sparse`) run for this work dtype."""
+    return cpu_select.available() and device.type == "cpu" and work in (torch.float32, torch.float64)
 
 
 def _csr_arrays(csr: LatentCSR, pairs: int):
@@ -77,14 +71,14 @@ def encoder_backward(
             indices, latent_rows(W_enc).to(wd), per_sample_weights=g, mode="sum"
         ).to(x.dtype)
     csr = latent_csr(indices, m) if needs[1] or needs[2] else None
-    if needs[1] and csr is not None and _compiled(xs := x.to(wd), g):
+    if needs[1] and csr is not None and _compiled(wd, g.device):
         offsets, order = _csr_arrays(csr, indices.numel())
         rows, sums = cpu_sparse.encoder_backward(
             offsets,
             order,
             indices.shape[1],
             g.contiguous().reshape(-1).numpy(),
-            xs.contiguous().numpy(),
+            x.to(wd).contiguous().numpy(),
             torch.get_num_threads(),
         )
         grad_w = torch.from_numpy(rows).to(W_enc.dtype).t()
@@ -106,7 +100,7 @@ def decoder_backward(
     wd = _work_dtype(W_dec)
     h = h.to(wd)
     grad_v = grad_w = grad_b = None
-    if needs[0] and needs[1] and _compiled(W_dec.to(wd), h):
+    if needs[0] and needs[1] and _compiled(wd, h.device):
         csr = latent_csr(indices, W_dec.shape[0])
         offsets, order = _csr_arrays(csr, indices.numel())
         gv, gw = cpu_sparse.decoder_backward(
