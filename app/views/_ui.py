@@ -109,6 +109,16 @@ def device() -> str:
     return resolve_device(settings().device)
 
 
+def live_model(store: FeatureStore):
+    """The store's model for live pages that need no dictionary, loaded once per process; a friendly error
+    stops the page."""
+    try:
+        return load_model(model_ref(store), device())
+    except SteerscopeError as e:
+        st.error(f"Live analysis is unavailable: {e}", icon=":material/error:")
+        st.stop()
+
+
 def live(store: FeatureStore):
     """(model, dictionary) for live pages, loaded once per process; a friendly error stops the page."""
     path = settings().dictionary or store.meta.get("dictionary_path")
