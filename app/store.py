@@ -162,11 +162,31 @@ class FeatureStore:
                               "ORDER BY logit_effect DESC LIMIT ?", [key, limit])
         return {"fires_on": fires, "promotes": promotes}
 
+    def dictionary_dir(self) -> Path | None:
+        """The directory of the dictionary this store was built from (recorded relative to the store, or
+        absolute), if it is still there; else None."""
+        from saes.provenance import resolve_dictionary_path
+
+        return resolve_dictionary_path(self.meta, self.path)
+
+    def evaluation(self) -> dict[str, Any] | None:
+        """The dictionary's ``eval.json`` as it is now (an evaluation written after the build shows), else the
+        one recorded at build time; an eval.json of another dictionary (fingerprint) is ignored."""
+        from saes.provenance import read_beside
+
+        return read_beside(self.dictionary_dir(), "eval", self.meta["fingerprint"]) or self.meta.get("eval")
+
+    def history(self) -> Any:
+        """Training curves: the dictionary's ``history.json`` now, else those recorded at build time."""
+        from saes.provenance import read_beside
+
+        return read_beside(self.dictionary_dir(), "history", self.meta["fingerprint"]) or self.meta.get("history")
+
     def check_dictionary(self, dictionary) -> None:
         """Raise StoreError unless ``dictionary`` is the one this store was built from."""
-        from saes.features import dictionary_fingerprint
+        from saes.base import fingerprint
 
-        fp = dictionary_fingerprint(dictionary)
+        fp = fingerprint(dictionary)
         if fp != self.meta["fingerprint"]:
             raise StoreError(f"this feature store was built from another dictionary (fingerprint "
                              f"{self.meta['fingerprint'][:12]}, the loaded {dictionary.architecture} has {fp[:12]}); "

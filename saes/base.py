@@ -11,6 +11,7 @@ On disk a dictionary is a directory: ``cfg.json`` (with an ``architecture`` key)
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,12 +168,17 @@ class Dictionary(nn.Module):
         G.sub_((G * W).sum(1, keepdim=True) * W)
 
     # --- artifacts ----------------------------------------------------------------------------
+    #: The directory this dictionary was last saved to or loaded from (None: never on disk). The weights
+    #: may have changed in memory since; compare :func:`fingerprint` with the directory's to be sure.
+    source_path: Path | None = None
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         save_file(tensors, str(path / "weights.safetensors"))
         (path / "cfg.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+        self.source_path = path.resolve()
         return path
 
     @classmethod
@@ -208,7 +214,18 @@ def load_dictionary(path: str | Path, device: str | torch.device = "cpu") -> Dic
         if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
             raise SteerscopeError(f"{weights_file}: {k} contains NaN or inf")
     model.load_state_dict(state, strict=True)
+    model.source_path = path.resolve()
     return model.to(device).eval()  # a loaded dictionary is for use: inference paths (e.g. BatchTopK's threshold)
+
+
+def fingerprint(dictionary: Dictionary) -> str:
+    """sha256 over the architecture and every weight (float32 bytes), 32 hex digits: which dictionary an
+    artifact (feature store, eval.json) belongs to."""
+    h = hashlib.sha256(dictionary.architecture.encode())
+    for name, t in sorted(dictionary.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def _import_all() -> None:

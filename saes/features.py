@@ -14,6 +14,11 @@ Tables (Parquet, sorted by feature; small row groups, so one feature's query rea
 examples (kind "top" | "interval-i", with token windows), logits (top/bottom tokens), neighbours
 (decoder cosine), vocab; then meta.json (config, fingerprint, model, eval.json/history.json, speed).
 
+A store always knows its dictionary's directory (``meta["dictionary_path"]``): the one given, the one
+the object was loaded from or saved to (if its weights still match), or, for a dictionary that was
+never saved, ``<store>/dictionary``. The path is relative to the store when both sit in one run
+directory (so the run directory can move), with the absolute path beside it (``dictionary_path_abs``).
+
 Logit effects: the decoder row in the residual stream (as is when d_model wide, ``W_dec @ W_out`` for
 ``mlp.hook_post``, ``W_dec @ W_O`` for ``attn.hook_z``), centred for LayerNorm models, times ln_final's
 gain, times ``W_U``. The final norm's division by the residual scale (positive) is ignored.
@@ -39,18 +44,13 @@ from tqdm.auto import tqdm
 from probe.errors import SteerscopeError
 from probe.hooks import capture
 from probe.sites import layer_of, resolve_one
-from saes.base import Dictionary, load_dictionary
+from saes.base import Dictionary, fingerprint, load_dictionary
+from saes.provenance import dictionary_dir, path_fields, read_beside, refresh
 
 FORMAT, VERSION = "steerscope-features", 1
 
 
-def dictionary_fingerprint(dictionary: Dictionary) -> str:
-    """sha256 over the architecture and every weight (float32 bytes): which dictionary a store belongs to."""
-    h = hashlib.sha256(dictionary.architecture.encode())
-    for name, t in sorted(dictionary.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:32]
+dictionary_fingerprint = fingerprint  # the name this module has always exported
 
 
 class _Bottom:
@@ -230,9 +230,10 @@ def build_feature_store(dictionary: Dictionary | str | Path, model, tokens_or_st
     params["data"] = hashlib.sha256(tokens.int().numpy().tobytes()).hexdigest()[:16] + f"/{total}"
     fp, out = dictionary_fingerprint(dictionary), Path(out_dir)
     if (old := _existing(out, fp, params, overwrite)) is not None:
-        return old
+        return refresh(old, dictionary, dict_path, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # no meta.json: not a finished store
+    dict_path = dictionary_dir(dictionary, dict_path, fp, out)
     top, iv, stats = _scan(dictionary, batches, total, per, params, progress)
     tok, scan_s = model.tokenizer, time.time() - t0
     strs = tok.batch_decode([[i] for i in range(model.cfg.d_vocab)]) if tok is not None else [""] * model.cfg.d_vocab
@@ -243,11 +244,11 @@ def build_feature_store(dictionary: Dictionary | str | Path, model, tokens_or_st
               "neighbours": _neighbours(dictionary.W_dec.detach().float().cpu(), n_neighbours),
               "vocab": pa.table({"token_id": np.arange(len(vocab), dtype=np.int32), "token": vocab})}
     for name, table in tables.items():
-        _write(out / f"{name}.parquet", table.replace_schema_metadata({"fingerprint": fp}))
-    meta = _meta(dictionary, dict_path, fp, model, model_ref, site, write_site, note, params, total, tokens, label)
+        write_atomic(out / f"{name}.parquet", table.replace_schema_metadata({"fingerprint": fp}))
+    meta = _meta(dictionary, dict_path, out, fp, model, model_ref, site, write_site, note, params, total, tokens, label)
     meta["build"] = {"seconds": round(time.time() - t0, 3), "scan_seconds": round(scan_s, 3),
                      "tokens_per_s": round(total / max(scan_s, 1e-9), 1), "n_example_rows": tables["examples"].num_rows}
-    _write(out / "meta.json", json.dumps(meta, indent=2, default=str).encode())
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2, default=str).encode())
     return meta
 
 
@@ -374,7 +375,7 @@ def _neighbours(W: torch.Tensor, n: int, chunk: int = 1024) -> pa.Table:
     return pa.table(_per_feature(torch.cat(vals), torch.cat(idx), "neighbour", "cosine"))
 
 
-def _write(file: Path, data: pa.Table | bytes) -> None:
+def write_atomic(file: Path, data: pa.Table | bytes) -> None:
     """Write atomically: a temporary file, then rename."""
     tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
     if isinstance(data, bytes):
@@ -384,16 +385,13 @@ def _write(file: Path, data: pa.Table | bytes) -> None:
     os.replace(tmp, file)
 
 
-def _meta(dictionary, dict_path, fp, model, model_ref, site, write_site, note, params, total, tokens, label) -> dict:
-    extra = {}  # eval.json (saes.metrics.evaluate) and history.json next to the dictionary
-    for name in ("eval", "history") if dict_path is not None else ():
-        with contextlib.suppress(OSError, json.JSONDecodeError, UnicodeDecodeError):
-            extra[name] = json.loads((dict_path / f"{name}.json").read_text())
+def _meta(dictionary, dict_path, out, fp, model, model_ref, site, write_site, note, params, total, tokens, label) -> dict:
     keys = ("model_name", "n_layers", "d_model", "d_mlp", "n_heads", "d_vocab", "n_ctx", "num_experts")
     return {"format": FORMAT, "version": VERSION, "fingerprint": fp, "architecture": dictionary.architecture,
             "d_sae": dictionary.cfg.d_sae, "dictionary": dictionary.cfg.to_dict(), "site": site, "write_site": write_site,
-            "dictionary_path": str(dict_path) if dict_path else None, "logits_note": note,
+            **path_fields(dict_path, out), "logits_note": note,
             "model": model_ref or dictionary.cfg.model or model.cfg.model_name,
             "model_cfg": {k: getattr(model.cfg, k, None) for k in keys}, "n_tokens": int(total),
             "n_contexts": int(tokens.shape[0]), "n_ctx": int(tokens.shape[1]), "source": label, "params": params,
-            "eval": extra.get("eval"), "history": extra.get("history", dictionary.cfg.training.get("history"))}
+            "eval": read_beside(dict_path, "eval", fp),
+            "history": read_beside(dict_path, "history", fp) or dictionary.cfg.training.get("history")}

@@ -243,9 +243,10 @@ def evaluate(dictionary, model, tokens_or_texts: Tensor | list[str] | str, site:
     ``dictionary``: a Dictionary or its directory; ``model``: a HookedTransformer or a name for
     ``probe.models.load_model``; ``tokens_or_texts``: ids [n, n_ctx] starting with BOS, or texts packed
     into ``n_ctx``-token contexts (BOS first). Only the first ``n_contexts`` contexts are used if given.
-    ``eval.json`` is written into ``out``, or into the dictionary's directory when a path was given.
+    ``eval.json`` is written into ``out``, or into the dictionary's directory when a path was given; it
+    carries the dictionary's ``fingerprint``, so a feature store shows it only for the dictionary it was built from.
     """
-    from saes.base import load_dictionary
+    from saes.base import fingerprint, load_dictionary
 
     if isinstance(dictionary, str | Path):
         out = dictionary if out is None else out
@@ -258,7 +259,7 @@ def evaluate(dictionary, model, tokens_or_texts: Tensor | list[str] | str, site:
     stats = EvalStats(dictionary.cfg.d_sae)
     scores = ce_kl_scores(model, dictionary, tokens, site, target_site, ablation, batch_size, stats)
     res = {**stats.summary(dense_threshold), **scores, "dense_threshold": dense_threshold,
-           "architecture": dictionary.architecture, "n_contexts": len(tokens)}
+           "architecture": dictionary.architecture, "n_contexts": len(tokens), "fingerprint": fingerprint(dictionary)}
     res = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in res.items()}
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -121,15 +121,24 @@ def live_model(store: FeatureStore):
 
 def live(store: FeatureStore):
     """(model, dictionary) for live pages, loaded once per process; a friendly error stops the page."""
-    path = settings().dictionary or store.meta.get("dictionary_path")
+    path = settings().dictionary or store.dictionary_dir()
     try:
         if not path:
-            raise StoreError("the store records no dictionary directory; start the app with --dictionary DIR")
+            raise StoreError(f"the dictionary this store was built from is not at {store.meta.get('dictionary_path_abs') or '?'} "
+                             "any more; start the app with --dictionary DIR")
         model = load_model(model_ref(store), device())
         return model, _load_dictionary(str(path), device(), str(store.path))
     except SteerscopeError as e:
         st.error(f"Live analysis is unavailable: {e}", icon=":material/error:")
         st.stop()
+
+
+def token_difference(base: list[int], other: list[int]) -> dict:
+    """Where two generations' token ids first differ (``first``: None when identical), how many positions
+    differ (``n_diff``) out of ``n``."""
+    n = max(len(base), len(other))
+    differ = [i for i in range(n) if i >= len(base) or i >= len(other) or base[i] != other[i]]
+    return {"first": differ[0] if differ else None, "n_diff": len(differ), "n": n}
 
 
 def fail(e: Exception) -> None:

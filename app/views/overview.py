@@ -26,7 +26,7 @@ for col, (label, value) in zip(cols, [
     col.metric(label, value)
 
 st.subheader("Evaluation")
-ev = meta.get("eval")
+ev = store.evaluation()
 if ev:
     shown = [("L0", "l0", "{:.1f}"), ("FVU", "fvu", "{:.3f}"), ("explained var.", "explained_variance", "{:.3f}"),
              ("CE score", "ce_score", "{:.3f}"), ("KL score", "kl_score", "{:.3f}"),
@@ -37,8 +37,8 @@ if ev:
     with st.expander("all metrics"):
         st.json(ev)
 else:
-    st.info("No evaluation yet: run `steerscope eval DICTIONARY_DIR`, which writes eval.json next to the dictionary; "
-            "the next `steerscope features` build picks it up.", icon=":material/info:")
+    st.info(f"No evaluation yet: run `steerscope eval {store.dictionary_dir() or 'DICTIONARY_DIR'}`, which writes "
+            "eval.json next to the dictionary; reload this page to see it.", icon=":material/info:")
 
 
 def _series(history) -> dict[str, tuple[list, list]]:
@@ -57,7 +57,7 @@ def _series(history) -> dict[str, tuple[list, list]]:
 
 
 st.subheader("Training")
-series = _series(meta.get("history"))
+series = _series(store.history())
 if series:
     names = [k for k in ("loss", "fvu", "l0", "dead_frac", "lr") if k in series] or list(series)[:4]
     for col, name in zip(st.columns(len(names)), names, strict=True):
@@ -92,4 +92,4 @@ with st.expander("dictionary config"):
     st.json({k: v for k, v in cfg.items() if k != "training"})
 with st.expander("store build"):
     st.json({k: meta.get(k) for k in ("source", "n_tokens", "n_contexts", "n_ctx", "params", "build", "logits_note",
-                                      "dictionary_path", "fingerprint")})
+                                      "dictionary_path", "dictionary_path_abs", "fingerprint")})

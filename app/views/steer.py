@@ -112,7 +112,8 @@ with right:
     if run:
         from steering import SteeringVector, generate
 
-        model, dictionary = _ui.live(store)
+        # saved vectors need only the model; the dictionary is loaded only to steer with its features
+        model, dictionary = _ui.live(store) if feats else (_ui.live_model(store), None)
         try:
             steer = [SteeringVector.from_feature(dictionary, j, c, model=model) if kind == "feature"
                      else vectors[j].with_coeff(c) for (kind, j), c in coeffs.items()]
@@ -120,13 +121,21 @@ with right:
             with _ui.model_lock():
                 base = generate(model, st.session_state.steer_prompt, **kw)
                 steered = generate(model, st.session_state.steer_prompt, steer=steer, mode=mode, **kw)
-            st.session_state.steer_result = (base, steered, [repr(v) for v in steer])
+            ids = [model.to_tokens(t, prepend_bos=False)[0].tolist() for t in (base, steered)]
+            st.session_state.steer_result = (base, steered, [repr(v) for v in steer], _ui.token_difference(*ids))
         except SteerscopeError as e:
             st.session_state.pop("steer_result", None)
             _ui.fail(e)
     if "steer_result" in st.session_state:
-        base, steered, reprs = st.session_state.steer_result
+        base, steered, reprs, diff = st.session_state.steer_result
         prompt = st.session_state.steer_prompt
         _ui.side_by_side("Baseline", prompt + base, "Steered", prompt + steered)
+        if diff["first"] is None:
+            st.info("The steered text is identical to the baseline: the steering did not change any generated token "
+                    "(try a larger coefficient or other positions).", icon=":material/info:")
+        else:
+            st.markdown(f'<div class="ss-diff">The steered text departs from the baseline at generated token '
+                        f'<b>{diff["first"] + 1}</b>; <b>{diff["n_diff"]}</b> of {diff["n"]} token positions differ.</div>',
+                        unsafe_allow_html=True)
         with st.expander("steering vectors"):
             st.code("\n".join(reprs), language=None)

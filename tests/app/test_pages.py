@@ -250,4 +250,5 @@ def test_store_from_another_dictionary_is_refused_on_live_pages(store_env, monke
 def test_meta_records_the_eval_history_and_dictionary(store_env):
     meta = json.loads((store_env["store"] / "meta.json").read_text())
     assert meta["eval"] == EVAL and len(meta["history"]) == 5
-    assert meta["dictionary_path"] == str(store_env["sae"].resolve())
+    assert meta["dictionary_path"] == "../sae"  # store and dictionary share one run directory: relative
+    assert meta["dictionary_path_abs"] == str(store_env["sae"].resolve())
