@@ -18,26 +18,30 @@ MODEL = "austen-dense"
 
 
 def run_demo(out: Path, n_tokens: int = 100_000, d_sae: int = 4096, k: int = 32, serve: bool = True,
-             port: int = 8501, host: str = "127.0.0.1") -> dict:
+             port: int = 8501, host: str = "127.0.0.1", model_name: str = MODEL, site: str = DEMO_SITE) -> dict:
     """Run every stage (each skipped when its artifact is already there) and serve the app."""
     from probe.models import load_model
+    from probe.sites import resolve_one
     from probe.zoo import card
 
     console = Console(stderr=True)
     out = Path(out)
-    model = load_model(MODEL, device="cpu")
-    c = card(MODEL)
-    console.rule(f"[bold]steerscope demo[/bold]: {MODEL}")
-    console.print(f"{c['n_params'] / 1e6:.1f} M params, val loss {c['val_loss']:.3f} nats/token "
-                  f"(bigram baseline {c['bigram_val_loss']:.3f}); artifacts in {out}")
+    model = load_model(model_name, device="cpu")
+    site = resolve_one(model, site)
+    console.rule(f"[bold]steerscope demo[/bold]: {model_name}")
+    c = card(model_name) if model_name in ("austen-dense", "austen-moe") else None
+    if c is not None:
+        console.print(f"{c['n_params'] / 1e6:.1f} M params, val loss {c['val_loss']:.3f} nats/token "
+                      f"(bigram baseline {c['bigram_val_loss']:.3f}); artifacts in {out}")
     torch.manual_seed(0)
     console.print("sample:", repr(model.generate("It is a truth universally acknowledged", max_new_tokens=25,
                                                   temperature=0.8, verbose=False)))
-    store = _stage(console, "1/5 cache activations", lambda: _cache(model, out / "acts", n_tokens))
-    sae = _stage(console, "2/5 train a TopK SAE", lambda: _train(store, out / "sae", d_sae, k))
-    metrics = _stage(console, "3/5 evaluate it", lambda: _evaluate(sae, model, out / "sae"))
-    _print_metrics(console, metrics)
-    meta = _stage(console, "4/5 build the feature store", lambda: _features(sae, model, store, out / "features"))
+    store = _stage(console, "1/5 cache activations", lambda: _cache(model, out / "acts", site, n_tokens))
+    sae = _stage(console, "2/5 train a TopK SAE", lambda: _train(store, out / "sae", site, d_sae, k, model_name))
+    metrics = _stage(console, "3/5 evaluate it", lambda: _evaluate(sae, model, out / "sae", site))
+    _print_metrics(console, metrics, site)
+    meta = _stage(console, "4/5 build the feature store",
+                  lambda: _features(sae, model, store, out / "features", model_name))
     summary = {"store": str(out / "acts"), "dictionary": str(out / "sae"), "features": str(out / "features"),
                "metrics": metrics, "n_features": meta.get("d_sae")}
     if serve:
@@ -56,41 +60,42 @@ def _stage(console: Console, title: str, fn):
     return result
 
 
-def _cache(model, path: Path, n_tokens: int):
+def _cache(model, path: Path, site: str, n_tokens: int):
     from probe.store import ActivationStore
 
-    store = ActivationStore.build(model, "austen", DEMO_SITE, n_tokens, path, corpus_spec="austen")
+    store = ActivationStore.build(model, "austen", site, n_tokens, path, corpus_spec="austen")
     store.verify()
     return store
 
 
-def _train(store, path: Path, d_sae: int, k: int):
+def _train(store, path: Path, site: str, d_sae: int, k: int, model_name: str):
     from saes.base import load_dictionary
     from saes.train import train
 
     if (path / "weights.safetensors").exists():
         return load_dictionary(path)
-    return train("topk", store, site=DEMO_SITE, d_sae=d_sae, k=k, n_tokens=3 * len(store), lr=1e-3,
-                 out=path, model=MODEL, log_every=2)
+    return train("topk", store, site=site, d_sae=d_sae, k=k, n_tokens=3 * len(store), lr=1e-3,
+                 out=path, model=model_name, log_every=2)
 
 
-def _evaluate(sae, model, path: Path) -> dict:
+def _evaluate(sae, model, path: Path, site: str) -> dict:
     from probe.corpus import load_corpus
     from saes.metrics import evaluate
 
     if (path / "eval.json").exists():
         return json.loads((path / "eval.json").read_text())
-    return evaluate(sae, model, load_corpus("austen", split="val"), site=DEMO_SITE, n_contexts=32, out=path)
+    return evaluate(sae, model, load_corpus("austen", split="val"), site=site, n_contexts=32, out=path)
 
 
-def _features(sae, model, store, path: Path) -> dict:
+def _features(sae, model, store, path: Path, model_name: str) -> dict:
     from saes.features import build_feature_store
 
-    return build_feature_store(sae, model, store, path, n_tokens=min(len(store), 50_000), model_ref=MODEL)
+    # the store records the dictionary's directory (sae/, relative to the run directory) and its eval.json
+    return build_feature_store(sae, model, store, path, n_tokens=min(len(store), 50_000), model_ref=model_name)
 
 
-def _print_metrics(console: Console, m: dict) -> None:
-    table = Table(title=f"TopK SAE at {DEMO_SITE} (held-out Austen)")
+def _print_metrics(console: Console, m: dict, site: str) -> None:
+    table = Table(title=f"TopK SAE at {site} (held-out Austen)")
     for key in ("l0", "fvu", "explained_variance", "dead_frac", "ce_score", "kl_score"):
         if key in m:
             table.add_row(key, f"{m[key]:.4f}" if isinstance(m[key], float) else str(m[key]))

@@ -164,7 +164,8 @@ def tokens_html(tokens: list[str], acts: list[float], scale: float, center: int 
     for i, (tok, a) in enumerate(zip(tokens, acts, strict=True)):
         tip = tips[i] if tips else f"{tok!r}  activation {a:.3f}"
         extra = "font-weight:700;border-bottom:2px solid #9a3412;" if i == center else ""
-        spans.append(f'<span class="ss-tok" title="{html.escape(tip)}" style="background:{act_color(a / scale if scale > 0 else 0)};'
+        cls = "ss-tok ss-center" if i == center else "ss-tok"
+        spans.append(f'<span class="{cls}" title="{html.escape(tip)}" style="background:{act_color(a / scale if scale > 0 else 0)};'
                      f'display:inline-block;white-space:pre;padding:0 1px;margin:1px 0;border-radius:3px;{extra}">{html.escape(show_token(tok))}</span>')
     return f'<div class="ss-text" style="{MONO}line-height:1.9;margin:2px 0;flex:1;min-width:0">{"".join(spans)}</div>'
 
@@ -176,8 +177,8 @@ def examples_html(rows: list[dict], scale: float) -> str:
         body = tokens_html(list(r["tokens"]), list(r["acts"]), scale, r["center"],
                            [f"{t!r}  activation {a:.3f}  (context {r['context']}, position {r['position'] - r['center'] + k})"
                             for k, (t, a) in enumerate(zip(r["tokens"], r["acts"], strict=True))])
-        lines.append(f'<div style="display:flex;gap:0.6rem;align-items:baseline;border-bottom:1px solid #f1f5f9">'
-                     f'<span style="{MONO}color:#64748b;min-width:3.6rem;text-align:right">{r["act"]:.2f}</span>'
+        lines.append(f'<div class="ss-example" style="display:flex;gap:0.6rem;align-items:baseline;border-bottom:1px solid #f1f5f9">'
+                     f'<span class="ss-act" style="{MONO}color:#64748b;min-width:3.6rem;text-align:right">{r["act"]:.2f}</span>'
                      f"{body}</div>")
     return "".join(lines)
 

@@ -7,100 +7,49 @@ Set STEERSCOPE_SKIP_BROWSER=1 to skip it on a machine without chromium; otherwis
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.app.conftest import ROOT
+from tests.browser import (
+    CHROMIUM,
+    browser_page,
+    no_exception,
+    screenshot_dir,
+    serve,
+    settle,
+    skip_without_browser,
+    visit,
+)
 
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(os.environ.get("STEERSCOPE_SKIP_BROWSER") == "1", reason="STEERSCOPE_SKIP_BROWSER=1")
+pytestmark = skip_without_browser
 
 
 def test_browser_is_installed():
     assert CHROMIUM.exists(), "install Debian's chromium (apt-get install chromium) or set STEERSCOPE_SKIP_BROWSER=1"
     assert importlib.util.find_spec("playwright") is not None, "pip install playwright (the dev extra)"
+
+
 LAUNCH = "import sys, typer; from app.commands_app import register; a = typer.Typer(); register(a); a(sys.argv[1:])"
-ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-gpu", "--no-first-run",
-        "--disable-component-update", "--disable-sync"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(app_env, tmp_path_factory):
     """The dashboard on a free port, started through the ``app`` command, until /_stcore/health says ok."""
-    port, log = free_port(), tmp_path_factory.mktemp("server") / "streamlit.log"
-    cmd = [sys.executable, "-c", LAUNCH, "app", "--store", str(app_env["store"]), "--port", str(port), "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 90
-    try:
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"the app did not start (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+    with serve([sys.executable, "-c", LAUNCH], app_env["store"], tmp_path_factory.mktemp("server") / "streamlit.log") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
 def page(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        pg = browser.new_page(viewport={"width": 1440, "height": 1000})
-        pg.set_default_timeout(60_000)
+    with browser_page() as pg:
         yield pg
-        browser.close()
 
 
 @pytest.fixture(scope="module")
 def shots(tmp_path_factory) -> Path:
-    d = Path(os.environ.get("STEERSCOPE_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def settle(page) -> None:
-    """Wait until the app is connected and its script has finished running."""
-    page.wait_for_selector("[data-testid='stApp'][data-test-connection-state='CONNECTED']")
-    page.wait_for_timeout(250)
-    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']")
-
-
-def visit(page, url: str) -> None:
-    page.goto(url)
-    settle(page)
-
-
-def no_exception(page) -> None:
-    from playwright.sync_api import expect
-
-    expect(page.get_by_test_id("stException")).to_have_count(0)
+    return screenshot_dir(tmp_path_factory)
 
 
 def test_every_page_in_a_real_browser(page, server, shots):

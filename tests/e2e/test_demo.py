@@ -2,22 +2,20 @@
 
 import json
 
-from typer.testing import CliRunner
-
-from app.cli import app
 from app.store import FeatureStore
+from tests.e2e.conftest import run_demo
 
 
-def test_demo_pipeline_end_to_end_and_reuse(tmp_path):
-    args = ["demo", "--out", str(tmp_path), "--n-tokens", "20000", "--d-sae", "512", "--k", "16", "--no-serve"]
-    first = CliRunner().invoke(app, args)
-    assert first.exit_code == 0, first.output
+def test_demo_pipeline_end_to_end_and_reuse(demo_runs):
+    run = demo_runs["dense"]
     for part in ("acts/manifest.json", "sae/cfg.json", "sae/eval.json", "features/meta.json"):
-        assert (tmp_path / part).exists(), part
-    metrics = json.loads((tmp_path / "sae" / "eval.json").read_text())
+        assert (run / part).exists(), part
+    metrics = json.loads((run / "sae" / "eval.json").read_text())
     assert metrics["l0"] <= 16 and 0 < metrics["fvu"] < 1
-    assert FeatureStore.open(tmp_path / "features") is not None
-    stamp = (tmp_path / "sae" / "weights.safetensors").stat().st_mtime_ns
-    again = CliRunner().invoke(app, args)
+    store = FeatureStore.open(run / "features")
+    assert store.dictionary_dir() == (run / "sae").resolve() and store.meta["dictionary_path"] == "../sae"
+    assert store.evaluation() == metrics  # the Overview's numbers
+    stamp = (run / "sae" / "weights.safetensors").stat().st_mtime_ns
+    again = run_demo(run, "--model", "austen-dense")
     assert again.exit_code == 0, again.output
-    assert (tmp_path / "sae" / "weights.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
+    assert (run / "sae" / "weights.safetensors").stat().st_mtime_ns == stamp  # reused, not retrained
