@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   set up, then run the main job (bundled model -> activations -> summary)
+#   make demo   set up, then run the main job (bundled model -> activations -> TopK SAE -> eval -> feature store -> dashboard)
 #   make test   set up, then run the test suite (slow and GPU tests excluded)
 # Override the torch spec for another build, e.g.  make demo TORCH_SPEC="torch==2.5.1"
 PYTHON ?= python3
@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup system browser demo test lint clean
+.PHONY: setup system browser demo test lint bench-setup clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ demo: setup system
 
 test: setup system browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# the benchmarks' anchors (eai-sparsify; sae-lens is a dependency already)
+bench-setup: setup
+	$(PY) -m pip install -q -e ".[bench]"
 
 lint: setup
 	$(VENV)/bin/ruff check .
