@@ -219,11 +219,14 @@ def load_dictionary(path: str | Path, device: str | torch.device = "cpu", verify
     model = cls.from_config(cfg)
     try:
         data = weights_file.read_bytes()
-        if verify and expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
-            raise SteerscopeError(f"{weights_file} is corrupted or truncated (its sha256 differs from the one cfg.json "
-                                  "records); retrain or restore the dictionary (verify=False loads it anyway)")
+    except OSError as e:
+        raise SteerscopeError(f"cannot read {weights_file}: {e.strerror or e}") from e
+    if verify and expected_sha is not None and hashlib.sha256(data).hexdigest() != expected_sha:
+        raise SteerscopeError(f"{weights_file} is corrupted or truncated (its sha256 differs from the one cfg.json "
+                              "records); retrain or restore the dictionary (verify=False loads it anyway)")
+    try:
         state = st_load(data)
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, ValueError) as e:
         raise SteerscopeError(f"{weights_file} is corrupted or truncated ({str(e).splitlines()[0][:100]})") from e
     expected = model.state_dict()
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))

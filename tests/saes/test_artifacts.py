@@ -29,7 +29,7 @@ def test_one_flipped_bit_in_the_weights_is_caught(tmp_path):
     sae().save(tmp_path / "d")
     assert len(json.loads((tmp_path / "d" / "cfg.json").read_text())["weights_sha256"]) == 64
     flip_one_data_bit(tmp_path / "d" / "weights.safetensors")
-    with pytest.raises(SteerscopeError, match="sha256 differs"):
+    with pytest.raises(SteerscopeError, match="its sha256 differs"):
         load_dictionary(tmp_path / "d")
     loaded = load_dictionary(tmp_path / "d", verify=False)  # the opt-out still loads (to inspect)
     assert any(not torch.equal(v, sae().state_dict()[k]) for k, v in loaded.state_dict().items())
