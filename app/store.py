@@ -3,8 +3,8 @@
 >>> fs = FeatureStore.open("runs/features")
 >>> fs.feature(12)["density"], fs.examples(12)[0]["tokens"], fs.logits(12)["top"], fs.neighbours(12)
 
-Opening checks the store is complete and consistent (meta.json, every table, each table stamped with
-the meta's dictionary fingerprint); every problem is a ``StoreError`` with a one-line, actionable
+Opening checks the store is complete and consistent (meta.json, every table with the size and sha256
+meta.json records, each table stamped with the meta's dictionary fingerprint); every problem is a ``StoreError`` with a one-line, actionable
 message. Small tables are loaded into DuckDB memory; ``examples`` stays a view over its Parquet file,
 whose row groups are small and sorted by feature, so one feature's query reads a few of them. Each
 query runs on its own cursor, so one store can serve many Streamlit sessions (threads).
@@ -12,6 +12,7 @@ query runs on its own cursor, so one store can serve many Streamlit sessions (th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -59,7 +60,7 @@ class FeatureStore:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or "fingerprint" not in meta or "d_sae" not in meta:
             raise StoreError(f"{meta_file} is not the meta of a steerscope feature store; {BUILD_HINT}")
         for name in TABLES:
-            _check_table(path / f"{name}.parquet", meta["fingerprint"])
+            _check_table(path / f"{name}.parquet", meta["fingerprint"], (meta.get("tables") or {}).get(name))
         con = duckdb.connect(":memory:")
         try:
             for name in TABLES:
@@ -193,9 +194,18 @@ class FeatureStore:
                              "pass the dictionary it was built from, or rebuild the store for this one")
 
 
-def _check_table(file: Path, fingerprint: str) -> None:
+def _check_table(file: Path, fingerprint: str, entry: dict | None) -> None:
+    """Present, its size and sha256 as meta.json records them (stores built before checksums: not checked),
+    and stamped with the meta's fingerprint."""
     if not file.is_file():
         raise StoreError(f"{file.parent} is incomplete: {file.name} is missing; rebuild the store with --overwrite")
+    if entry is not None:
+        size = file.stat().st_size
+        if size != entry.get("bytes"):
+            raise StoreError(f"{file} is truncated or altered ({size} bytes, meta.json says {entry.get('bytes')}); "
+                             "rebuild the store with --overwrite")
+        if _sha256(file) != entry.get("sha256"):
+            raise StoreError(f"{file} is corrupted (its sha256 differs from meta.json's); rebuild the store with --overwrite")
     try:
         meta = pq.read_schema(file).metadata or {}
     except (pa.ArrowInvalid, OSError) as e:
@@ -203,6 +213,14 @@ def _check_table(file: Path, fingerprint: str) -> None:
     if meta.get(b"fingerprint", b"").decode() != fingerprint:
         raise StoreError(f"{file.name} belongs to another dictionary than meta.json (a mix of two builds in "
                          f"{file.parent}); rebuild the store with --overwrite")
+
+
+def _sha256(file: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _sql_path(path: Path) -> str:

@@ -12,7 +12,8 @@ smallest keys of a union of samples sample the union uniformly. The occupied bin
 
 Tables (Parquet, sorted by feature; small row groups, so one feature's query reads little): features,
 examples (kind "top" | "interval-i", with token windows), logits (top/bottom tokens), neighbours
-(decoder cosine), vocab; then meta.json (config, fingerprint, model, eval.json/history.json, speed).
+(decoder cosine), vocab; then meta.json (config, fingerprint, model, eval.json/history.json, speed, and each
+table's size and sha256, checked when the store opens).
 
 A store always knows its dictionary's directory (``meta["dictionary_path"]``): the one given, the one
 the object was loaded from or saved to (if its weights still match), or, for a dictionary that was
@@ -44,6 +45,7 @@ from tqdm.auto import tqdm
 from probe.errors import SteerscopeError
 from probe.hooks import capture
 from probe.sites import layer_of, resolve_one
+from probe.store_files import file_entry
 from saes.base import Dictionary, fingerprint, load_dictionary
 from saes.provenance import dictionary_dir, path_fields, read_beside, refresh
 
@@ -246,6 +248,7 @@ def build_feature_store(dictionary: Dictionary | str | Path, model, tokens_or_st
     for name, table in tables.items():
         write_atomic(out / f"{name}.parquet", table.replace_schema_metadata({"fingerprint": fp}))
     meta = _meta(dictionary, dict_path, out, fp, model, model_ref, site, write_site, note, params, total, tokens, label)
+    meta["tables"] = {name: file_entry(f"{name}.parquet", (out / f"{name}.parquet").read_bytes()) for name in tables}
     meta["build"] = {"seconds": round(time.time() - t0, 3), "scan_seconds": round(scan_s, 3),
                      "tokens_per_s": round(total / max(scan_s, 1e-9), 1), "n_example_rows": tables["examples"].num_rows}
     write_atomic(out / "meta.json", json.dumps(meta, indent=2, default=str).encode())

@@ -86,6 +86,30 @@ def test_open_refuses_incomplete_or_foreign_directories(app_env, tmp_path):
 
 
 # ------------------------------------------------------------------ commands
+@pytest.mark.parametrize("table", ["features", "examples", "logits", "neighbours", "vocab"])
+def test_one_flipped_byte_in_any_table_is_caught_when_the_store_opens(app_env, tmp_path, table):
+    store = tmp_path / "store"
+    shutil.copytree(app_env["store"], store)
+    file = store / f"{table}.parquet"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x01  # inside the column data: Parquet's footer still parses
+    file.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=f"{table}.parquet is corrupted .*sha256"):
+        FeatureStore.open(store)
+    file.write_bytes(bytes(data[:-10]))
+    with pytest.raises(StoreError, match="truncated or altered"):
+        FeatureStore.open(store)
+
+
+def test_a_store_built_before_table_checksums_still_opens(app_env, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(app_env["store"], store)
+    meta = json.loads((store / "meta.json").read_text())
+    assert set(meta.pop("tables")) == {"features", "examples", "logits", "neighbours", "vocab"}
+    (store / "meta.json").write_text(json.dumps(meta))
+    assert FeatureStore.open(store).n_features == D_SAE
+
+
 @pytest.fixture
 def cli():
     app = typer.Typer()
