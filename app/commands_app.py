@@ -71,6 +71,8 @@ def app_cmd(
     model: str = typer.Option(None, help="model for the live pages (default: the one the store records)"),
     vectors: Path = typer.Option(None, help="a directory of saved steering vectors for the Steer page"),
     device: str = typer.Option(None, help="cpu or cuda for the live pages"),
+    models: str = typer.Option(None, help="comma-separated extra models the Experts page may offer (beside the "
+                               "store's and the bundled ones); pages never take a typed model name or path"),
 ) -> None:
     """Serve the dashboard (Streamlit, headless) on http://HOST:PORT."""
     from app.store import FeatureStore
@@ -81,7 +83,7 @@ def app_cmd(
             "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal", "--theme.primaryColor", "#ea580c",
             "--"]
     for flag, value in (("--store", store), ("--dictionary", dictionary), ("--model", model), ("--vectors", vectors),
-                        ("--device", device)):
+                        ("--device", device), ("--models", models)):
         if value is not None:
             args += [flag, str(Path(value).resolve()) if isinstance(value, Path) else value]
     typer.echo(f"steerscope app: http://{host}:{port}  (Ctrl+C stops it)", err=True)

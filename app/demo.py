@@ -48,7 +48,8 @@ def run_demo(out: Path, n_tokens: int = 100_000, d_sae: int = 4096, k: int = 32,
         console.rule("5/5 serve the dashboard")
         from app.commands_app import app_cmd
 
-        app_cmd(store=out / "features", port=port, host=host, dictionary=None, model=None, vectors=None, device="cpu")
+        app_cmd(store=out / "features", port=port, host=host, dictionary=None, model=None, vectors=None, device="cpu",
+                models=None)
     return summary
 
 

@@ -25,7 +25,7 @@ ORANGE, BLUE, GREY = "#f97316", "#3b82f6", "#94a3b8"  # activations (white -> or
 ACT_SCALE = [[0.0, "#ffffff"], [1.0, ORANGE]]
 FEATURE_PAGE = "views/feature.py"
 MONO = "font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.86rem;"
-OPTIONS = ("store", "dictionary", "model", "device", "vectors")
+OPTIONS = ("store", "dictionary", "model", "device", "vectors", "models")
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ class Settings:
     model: str | None  # model for load_model (default: the one recorded in the store)
     device: str | None  # cpu or cuda (default: cuda when available)
     vectors: str | None  # a directory of saved steering vectors, offered on the Steer page
+    models: str | None  # comma-separated extra model names a page may offer (the only models a browser can pick)
 
 
 def settings() -> Settings:
@@ -101,6 +102,15 @@ def model_lock() -> threading.RLock:
 
 def model_ref(store: FeatureStore) -> str:
     return settings().model or store.meta.get("model") or ""
+
+
+def model_choices(store: FeatureStore) -> list[str]:
+    """The models a page may offer: the store's own, the bundled zoo, and the ``--models`` allow-list. A page never
+    takes a free-text model name or path (that would let a browser probe the server's files or start downloads)."""
+    from probe.zoo import available
+
+    extra = [m.strip() for m in (settings().models or "").split(",") if m.strip()]
+    return list(dict.fromkeys([model_ref(store), *available(), *extra]))
 
 
 def device() -> str:

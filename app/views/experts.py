@@ -16,8 +16,9 @@ st.title("Experts")
 st.caption("Scores each (layer, expert) by how much more the router sends behaviour tokens than control tokens to it "
            "(fTRI-style, MoTE), then switches experts off (never routed to) or forces them on, and regenerates.")
 
-ref = st.text_input("Model", value=_ui.model_ref(store), key="experts_model",
-                    help="the store's model by default; any zoo or TransformerLens name works, e.g. austen-moe")
+choices = _ui.model_choices(store)
+ref = st.selectbox("Model", choices, index=0, key="experts_model",
+                   help="the store's model, the bundled models, and any the app was started with (--models)")
 try:
     model = _ui.load_model(ref, _ui.device())
 except SteerscopeError as e:
@@ -25,7 +26,7 @@ except SteerscopeError as e:
     st.stop()
 if not getattr(model.cfg, "num_experts", None):
     st.info(f"`{ref}` is a dense model: it has no experts to score or switch. Expert switching needs a "
-            "mixture-of-experts model such as the bundled `austen-moe`; type its name above, or open a feature store "
+            "mixture-of-experts model such as the bundled `austen-moe`; choose it above, or open a feature store "
             "built from one.", icon=":material/info:")
     st.stop()
 
