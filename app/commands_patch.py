@@ -15,9 +15,10 @@ def register(app: typer.Typer) -> None:
 
 def patch_cmd(
     base: str = typer.Argument(None, help="base prompt: the run that gets patched"),
-    source: str = typer.Argument(None, help="source prompt (as many tokens as BASE): where the activations come from"),
+    source: str = typer.Argument(None, help="source prompt: where the activations come from (it may have another "
+                                            "length than BASE; positions are then counted from the last token)"),
     good: str = typer.Option(..., help="token the source favours, e.g. ' she'; metric = logit[good] - logit[bad] at "
-                                       "the last position"),
+                                       "each prompt's last token"),
     bad: str = typer.Option(..., help="token the base favours, e.g. ' he'"),
     model: str = typer.Option("austen-dense", help="zoo name, TL name or local HF dir"),
     pairs: Path = typer.Option(None, help="TSV file, one 'base<TAB>source' pair per line (instead of BASE SOURCE)"),
@@ -25,21 +26,24 @@ def patch_cmd(
     direction: Path = typer.Option(None, help="a saved steering vector or patch directory: patch only along it "
                                               "(subspace patching); at blocks.L.mlp.hook_post also run the illusion "
                                               "diagnostics"),
-    position: list[int] = typer.Option(None, help="with --direction: positions to patch (repeatable; default all)"),
+    position: list[int] = typer.Option(None, help="with --direction: positions to patch (repeatable; 0 = BOS, -1 = "
+                                                  "the last token; default all, which needs equal lengths)"),
     plot: Path = typer.Option(None, help="save the heatmap (or the diagnostics bar chart) here, as .html"),
 ) -> None:
     """Activation patching: print, for each site and position, the fraction of the source − base metric gap that
     patching that one activation from the source run recovers; save it as a heatmap. With --direction, patch a
-    subspace instead and report how much of its effect rides on directions downstream weights cannot read."""
+    subspace instead and report how much of its effect rides on directions downstream weights cannot read.
+
+    Prompts of different lengths are right-padded; the metric is read at each prompt's own last token, and when
+    the lengths differ the grid's positions count back from the last token (-1 = the last token)."""
     from probe.models import load_model
     from steering.effects import token_id
     from steering.patching import logit_diff, paired_tokens
 
     m = load_model(model)
     bases, sources = _pairs(base, source, pairs)
-    tokens = _tokens(m, bases + sources)  # one length for all, so base and source align by position
-    base_t, source_t = paired_tokens(m, tokens[: len(bases)], tokens[len(bases) :])
     metric = logit_diff(token_id(m, good), token_id(m, bad))
+    base_t, source_t = paired_tokens(m, bases, sources)
     if direction is None:
         _grid(m, base_t, source_t, site, metric, plot)
     else:
@@ -62,26 +66,17 @@ def _pairs(base: str | None, source: str | None, pairs: Path | None) -> tuple[li
     return [base], [source]
 
 
-def _tokens(model, prompts: list[str]):
-    """Token ids of prompts that all have the same length (no padding may sit under the metric)."""
-    rows = [model.to_tokens(p)[0] for p in prompts]
-    lengths = sorted({len(r) for r in rows})
-    if len(lengths) > 1:
-        raise SteerscopeError(f"base and source prompts must have the same number of tokens (found lengths {lengths}); "
-                              "patching aligns them by position")
-    import torch
-
-    return torch.stack(rows)
-
-
 def _grid(m, base_t, source_t, sites, metric, plot: Path | None) -> None:
+    from steering.padding import position_labels
     from steering.patching import patching_grid
 
     grid = patching_grid(m, base_t, source_t, sites, metric)
-    b_str, s_str = m.to_str_tokens(base_t[0]), m.to_str_tokens(source_t[0])
-    labels = [b if b == s else f"{b}/{s}" for b, s in zip(b_str, s_str, strict=True)]
-    typer.echo(f"metric (logit diff, mean over {base_t.shape[0]} pair(s)): base {grid.metric_base:+.3f}, "
+    labels = position_labels(m, base_t, source_t, grid.positions)
+    typer.echo(f"metric (logit diff, mean over {len(base_t)} pair(s)): base {grid.metric_base:+.3f}, "
                f"source {grid.metric_source:+.3f}")
+    if grid.positions and grid.positions[0] < 0:
+        typer.echo(f"prompts differ in length: columns are positions counted from each prompt's last token "
+                   f"({grid.positions[0]} to -1), labelled with the first pair's tokens")
     width = max(len(s) for s in grid.sites)
     cols = [repr(t)[1:-1][:9] for t in labels]
     typer.echo(f"{'site':<{width}}  " + " ".join(f"{c:>9}" for c in cols))
@@ -126,6 +121,9 @@ def _subspace(m, base_t, source_t, sites, path: Path, positions, metric, plot: P
         e_sub = (float(run_patch(m, p, base_t, source_t, metric)) - m_base) / gap
         typer.echo(f"{p!r}\nmetric: base {m_base:+.3f}, source {m_src:+.3f}\n"
                    f"effect (fraction of the gap): whole site {e_full:.3f}, subspace {e_sub:.3f}")
+        if ".hook_resid_" in site:
+            typer.echo("illusion check: not applicable (the residual stream is read in full, so no part of the "
+                       "direction is invisible downstream)")
         fig = go.Figure(go.Bar(x=["whole site", f"subspace (rank {p.rank})"], y=[e_full, e_sub]))
         fig.update_layout(title=f"Patching at {site}", yaxis_title="fraction of source − base metric gap")
     if plot is not None:

@@ -144,8 +144,9 @@ def compare_cmd(
     dim_site: str = typer.Option(None, help="site of the diff-in-means vector (default: the first dictionary's "
                                             "decoder site)"),
     kl: list[float] = typer.Option([0.05, 0.1, 0.25, 0.5], help="target next-token KLs (nats; repeatable)"),
-    n_select: int = typer.Option(256, help="128-token val contexts used to choose features and diff-in-means"),
-    n_prompts: int = typer.Option(64, help="prompts for KL calibration (val) and for scoring (test)"),
+    n_select: int = typer.Option(256, help="128-token train-split contexts (evenly spaced) used to choose features "
+                                            "and diff-in-means"),
+    n_prompts: int = typer.Option(64, help="prompts for KL calibration (val split) and for scoring (test split)"),
     random_control: bool = typer.Option(True, "--random/--no-random", help="also run a random direction per concept "
                                                                           "(the control)"),
     plot: Path = typer.Option(None, help="save the gain-vs-KL chart (mean over concepts) here, as .html"),
@@ -169,11 +170,12 @@ def compare_cmd(
     concepts = _concepts(concept) if concept else AUSTEN_CONCEPTS
     first = next(iter(dicts.values()))
     site = dim_site or first.cfg.target_site or first.cfg.site
-    if site.endswith("mlp.hook_post") and first.architecture == "snmf":
+    if site.endswith("mlp.hook_post"):  # neuron-space features steer at hook_mlp_out (from_feature)
         site = site.replace("mlp.hook_post", "hook_mlp_out")
-    val = load_corpus("austen", split="val")  # features are chosen and KL calibrated on val, scored on test
-    results = concept_comparison(m, dicts, concepts, val, val, load_corpus("austen", split="test"),
-                                 site, kl, n_select=n_select, n_prompts=n_prompts, random_control=random_control)
+    # three disjoint splits: features chosen on train, KL calibrated on val, gains scored on test
+    select, calib, evals = (load_corpus("austen", split=s) for s in ("train", "val", "test"))
+    results = concept_comparison(m, dicts, concepts, select, calib, evals, site, kl, n_select=n_select,
+                                 n_prompts=n_prompts, random_control=random_control)
     typer.echo(f"{'concept':<12} {'direction':<28} {'feature':>8} {'d':>6} {'KL':>6} {'coeff':>8} {'eval KL':>8} "
                f"{'gain':>7} {'± se':>6}")
     for res in results:

@@ -62,9 +62,11 @@ class Generation(NamedTuple):
 
 
 def check_vectors(model, vectors, mode: Mode = "all") -> list[SteeringVector]:
-    """Validate vectors against the model (site exists, width matches, mode fits); return them."""
+    """Validate vectors against the model (site exists, width matches, mode fits); return them (None: none)."""
     if mode not in MODES:
         raise SteerscopeError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if vectors is None:
+        return []
     vectors = [vectors] if isinstance(vectors, SteeringVector) else list(vectors)
     out = []
     for v in vectors:
@@ -185,18 +187,20 @@ def left_pad(model, prompts) -> tuple[Tensor, Tensor, Tensor]:
     return tokens.to(dev), mask.to(dev), pad_left.to(dev)
 
 
-def generate(model, prompts: str | Sequence[str], steer: Sequence[SteeringVector] = (), mode: Mode = "prompt",
+def generate(model, prompts: str | Sequence[str], steer: Sequence[SteeringVector] | None = (), mode: Mode = "prompt",
              max_new_tokens: int = 40, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, do_sample: bool = False, seed: int | None = None,
              use_kv_cache: bool = True, stop_at_eos: bool = True) -> str | list[str]:
-    """Generate continuations (the prompt is not repeated): a str for a str prompt, else a list."""
+    """Generate continuations (the prompt is not repeated): a str for a str prompt, else a list.
+
+    ``steer=None`` and ``steer=[]`` both generate unsteered."""
     out = generate_tokens(model, prompts, steer, mode, max_new_tokens, temperature, top_k, top_p, do_sample,
                           seed, use_kv_cache, stop_at_eos)
     return out.texts[0] if isinstance(prompts, str) else out.texts
 
 
 @torch.no_grad()
-def generate_tokens(model, prompts: str | Sequence[str], steer: Sequence[SteeringVector] = (),
+def generate_tokens(model, prompts: str | Sequence[str], steer: Sequence[SteeringVector] | None = (),
                     mode: Mode = "prompt", max_new_tokens: int = 40, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, do_sample: bool = False,
                     seed: int | None = None, use_kv_cache: bool = True, stop_at_eos: bool = True) -> Generation:

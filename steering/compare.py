@@ -229,6 +229,19 @@ def concept_token_ids(model, words: Sequence[str]) -> tuple[list[int], list[str]
     return ids, kept
 
 
+def check_disjoint(**splits: Sequence[str]) -> None:
+    """Refuse splits (name=texts) that share a document: each step of the protocol needs data of its own."""
+    docs = {name: {t.strip() for t in texts if t.strip()} for name, texts in splits.items()}
+    names = list(docs)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = docs[a] & docs[b]
+            if shared:
+                raise SteerscopeError(f"the {a} and {b} texts share {len(shared)} document(s): features are chosen, KL "
+                                      "calibrated and gains scored on three disjoint splits (e.g. the corpus's train, "
+                                      "val and test)")
+
+
 def window_prompts(model, texts: Sequence[str], n: int, n_ctx: int = 32) -> list[str]:
     """``n`` text windows of ``n_ctx - 1`` tokens, evenly spaced through ``texts``, as strings."""
     from probe.corpus import pack
@@ -252,9 +265,10 @@ def concept_comparison(model, dictionaries: dict[str, object], concepts: dict[st
     With ``random_control`` a random direction at ``dim_site`` (seeded by ``seed`` and the concept's
     position) runs the same protocol: the gain that spending the KL budget in no particular direction buys.
 
-    Features and the diff-in-means vector are chosen on ``n_select`` 128-token contexts of
+    Features and the diff-in-means vector are chosen on ``n_select`` 128-token contexts evenly spaced through
     ``select_texts`` (BOS and last positions left out); KL is calibrated on windows of ``calib_texts``
-    and the concept gain scored on windows of ``eval_texts`` (use three disjoint splits).
+    and the concept gain scored on windows of ``eval_texts``. The three must be disjoint (no document in two
+    of them; checked): choosing, calibrating and scoring on the same text would reward directions fitted to it.
     """
     from tqdm.auto import tqdm
 
@@ -262,6 +276,7 @@ def concept_comparison(model, dictionaries: dict[str, object], concepts: dict[st
     from probe.hooks import capture
     from probe.sites import resolve_one
 
+    check_disjoint(selection=select_texts, calibration=calib_texts, evaluation=eval_texts)
     ids, words = {}, {}
     for name, ws in concepts.items():
         ids[name], words[name] = concept_token_ids(model, ws)
@@ -270,7 +285,9 @@ def concept_comparison(model, dictionaries: dict[str, object], concepts: dict[st
     dim_site = resolve_one(model, dim_site)
     sites = {name: resolve_one(model, d.cfg.site) for name, d in dictionaries.items()}
     tok = model.tokenizer
-    contexts = pack(tok, list(select_texts), 128, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id)[:n_select]
+    contexts = pack(tok, list(select_texts), 128, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id)
+    if len(contexts) > n_select:
+        contexts = contexts[torch.linspace(0, len(contexts) - 1, n_select).round().long()]
     stats = {name: Contrast() for name in [*dictionaries, dim_site]}
     for batch in tqdm(contexts.split(16), desc="feature statistics", disable=not progress):
         labels = torch.stack([concept_positions(batch, ids[c]) for c in concepts], -1)[:, 1:-1]

@@ -6,7 +6,7 @@ position t of the user's prompt, BOS being position 0). Constructors:
 >>> v = SteeringVector.actadd(model, "Love", "Hate", layer=2, coeff=5.0)     # Turner et al. [T, d]
 >>> v = SteeringVector.mean_diff(model, pos, neg, "blocks.2.hook_resid_post")  # CAA [d]
 >>> v = SteeringVector.pca(model, pos, neg, "blocks.2.hook_resid_post", coeff=8.0)  # unit [d]
->>> v = SteeringVector.from_feature(sae, 123, coeff=4.0)                     # decoder row
+>>> v = SteeringVector.from_feature(sae, 123, coeff=4.0)                     # unit decoder direction
 >>> v = SteeringVector.from_direction(torch.randn(256), "blocks.1.hook_resid_post", 2.0)
 
 On disk a vector is a directory: ``vector.json`` (site, coeff, shape, provenance) and
@@ -182,11 +182,15 @@ class SteeringVector:
 
     @classmethod
     def from_feature(cls, dictionary, feature: int, coeff: float = 1.0, model=None) -> SteeringVector:
-        """A dictionary feature as a vector at the site its decoder writes to.
+        """A dictionary feature as a **unit** vector in the basis of the site it is added at.
 
-        SAE / transcoder: the decoder row ``W_dec[feature]`` at ``cfg.target_site or cfg.site``.
-        SNMF on ``mlp.hook_post``: the residual direction ``W_out^T z`` added at ``hook_mlp_out``
-        (pass ``model`` to read ``W_out``).
+        SAE / transcoder: the direction of the decoder row ``W_dec[feature]`` at ``cfg.target_site or cfg.site``.
+        A dictionary on MLP neurons (``mlp.hook_post``, e.g. SNMF): the residual direction ``W_out^T z`` added
+        at ``hook_mlp_out`` (pass ``model`` to read ``W_out``), which changes the model exactly as adding z
+        at ``mlp.hook_post`` would. The direction is then divided by its norm, so ``coeff`` is a length in the
+        residual stream whatever the dictionary: a decoder after ``fold_input_scale(s)`` (rows of norm 1/s), an
+        SNMF factor or an unnormalised decoder all give a vector of norm ``coeff``. The norm before that is
+        kept in ``provenance["direction_norm"]``.
         """
         from saes.base import Dictionary
 
@@ -201,9 +205,13 @@ class SteeringVector:
         row = dictionary.W_dec[feature].detach().float().cpu()
         prov = {"method": "feature", "architecture": dictionary.architecture, "feature": feature,
                 "dictionary_site": site, "model": dictionary.cfg.model}
-        if dictionary.architecture == "snmf" and site.endswith("mlp.hook_post"):
-            row, site = _snmf_to_residual(row, site, model)
-        return cls(site, row, coeff, prov)
+        if site.endswith("mlp.hook_post"):
+            row, site = _neurons_to_residual(row, site, model)
+        norm = float(row.norm())
+        if not norm > 0:
+            raise SteerscopeError(f"feature {feature} has a zero decoder direction at {site}; it cannot steer")
+        prov["direction_norm"] = norm
+        return cls(site, row / norm, coeff, prov)
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -303,18 +311,20 @@ def _check_layer(model, layer: int) -> None:
         raise SteerscopeError(f"layer {layer!r} out of range: the model has {n} layers (0 to {n - 1})")
 
 
-def _snmf_to_residual(z: Tensor, site: str, model) -> tuple[Tensor, str]:
-    """Map an SNMF MLP-neuron feature z [d_mlp] to the residual direction W_out^T z at hook_mlp_out."""
+def _neurons_to_residual(z: Tensor, site: str, model) -> tuple[Tensor, str]:
+    """Map an MLP-neuron feature z [d_mlp] (SNMF, or any dictionary on mlp.hook_post) to the residual
+    direction W_out^T z at hook_mlp_out."""
     if model is None:
-        raise SteerscopeError("an SNMF feature lives in MLP-neuron space; pass model= to map it through W_out")
+        raise SteerscopeError(f"this feature lives in MLP-neuron space ({site}); pass model= to map it through W_out "
+                              "into the residual stream")
     layer = layer_of(site)
     mlp = model.blocks[layer].mlp
     if not hasattr(mlp, "W_out"):
         raise SteerscopeError(f"blocks.{layer}.mlp has no single W_out (a mixture of experts?); "
-                              "steer the SNMF feature at mlp.hook_post with from_direction instead")
+                              "steer the feature at mlp.hook_post with from_direction instead")
     W_out = mlp.W_out.detach().float().cpu()  # [d_mlp, d_model]
     if W_out.shape[0] != z.shape[0]:
-        raise SteerscopeError(f"SNMF feature has width {z.shape[0]}, blocks.{layer} has d_mlp={W_out.shape[0]}")
+        raise SteerscopeError(f"the feature has width {z.shape[0]}, blocks.{layer} has d_mlp={W_out.shape[0]}")
     return z @ W_out, f"blocks.{layer}.hook_mlp_out"
 
 

@@ -7,17 +7,26 @@ from app.cli import app
 runner = CliRunner()
 
 
+def _texts(output: str) -> dict[str, str]:
+    return {ln.split(":")[0].strip(): ln.split(":", 1)[1].strip() for ln in output.splitlines()
+            if ln.split(":")[0].strip() in ("prompt", "baseline", "steered")}
+
+
 def test_steer_prints_baseline_and_steered(tmp_path):
+    # Greedy, at layer 0: ActAdd Love - Hate at coefficient 8 changes the continuation of the bundled dense model
+    # (from the third token: 'was' -> 'the', top-1 margins 0.5 and 1.3). At the default layer 1 it does not.
     res = runner.invoke(app, ["steer", "She walked into the room", "--add", "Love", "--sub", "Hate", "--coeff", "8",
-                              "--max-new-tokens", "8", "--save", str(tmp_path / "v")])
+                              "--layer", "0", "--max-new-tokens", "8", "--save", str(tmp_path / "v")])
     assert res.exit_code == 0, res.output
-    lines = {ln.split(":")[0].strip(): ln for ln in res.output.splitlines() if ":" in ln}
-    assert {"baseline", "steered"} <= set(lines)
+    out = _texts(res.output)
+    assert set(out) == {"prompt", "baseline", "steered"} and out["baseline"] and out["steered"]
+    assert out["steered"] != out["baseline"]  # coefficient 8 steers
     assert (tmp_path / "v" / "vector.json").exists()
     again = runner.invoke(app, ["steer", "She walked into the room", "--vector", str(tmp_path / "v"), "--coeff", "0",
                                 "--max-new-tokens", "8"])
-    out = {ln.split(":")[0].strip(): ln.split(":", 1)[1] for ln in again.output.splitlines() if ":" in ln}
-    assert out["baseline"] == out["steered"]  # coefficient 0 changes nothing
+    assert again.exit_code == 0, again.output
+    zero = _texts(again.output)
+    assert zero["baseline"] == zero["steered"] == out["baseline"]  # coefficient 0 changes nothing
 
 
 def test_steer_needs_a_vector():
@@ -26,13 +35,31 @@ def test_steer_needs_a_vector():
 
 
 def test_experts_table_and_heatmap(tmp_path):
+    import torch
+
+    from probe.models import load_model
+    from steering import ExpertScores
+
+    speech = ['"I am sure you are right," said she.', '"Oh! my dear," cried he.']
+    narration = ["She walked slowly home.", "The house was large and old."]
     beh, ctl = tmp_path / "b.txt", tmp_path / "c.txt"
-    beh.write_text('"I am sure you are right," said she.\n"Oh! my dear," cried he.\n')
-    ctl.write_text("She walked slowly home.\nThe house was large and old.\n")
+    beh.write_text("\n".join(speech) + "\n")
+    ctl.write_text("\n".join(narration) + "\n")
     res = runner.invoke(app, ["experts", str(beh), str(ctl), "--top", "3", "--plot", str(tmp_path / "h.html")])
     assert res.exit_code == 0, res.output
     rows = [ln.split() for ln in res.output.splitlines() if ln.strip()[:1].isdigit()]
-    assert len(rows) == 3 and (tmp_path / "h.html").exists()
+    direct = ExpertScores.score(load_model("austen-moe"), speech, narration)
+    top = direct.top(3)
+    assert [(int(r[1]), int(r[2])) for r in rows] == top and [r[0] for r in rows] == ["1", "2", "3"]
+    printed = torch.tensor([float(r[3]) for r in rows])
+    torch.testing.assert_close(printed, torch.stack([direct.diff("weight")[le] for le in top]).float(), atol=5e-5, rtol=0)
+    assert bool((printed[:-1] >= printed[1:]).all()) and float(printed[0]) > 0  # best first
+    assert (tmp_path / "h.html").exists()
+    # swapping behaviour and control negates the scores: the top experts become those least used on speech
+    res = runner.invoke(app, ["experts", str(ctl), str(beh), "--top", "1"])
+    row = next(ln.split() for ln in res.output.splitlines() if ln.strip()[:1].isdigit())
+    lowest = int(direct.diff("weight").argmin())
+    assert (int(row[1]), int(row[2])) == divmod(lowest, direct.shape[1])
 
 
 def test_experts_on_a_dense_model_is_refused(tmp_path):

@@ -176,15 +176,47 @@ def test_experts_score_switch_and_regenerate(store_env, monkeypatch):
 
 def test_patching_with_a_feature_and_with_das(store_env):
     at = open_app("patching")
+    assert at.selectbox(key="patch_site").value == "blocks.1.hook_resid_post"  # a residual site: nothing unread
     at.button(key="patch_run").click().run()
     assert not at.exception and not at.error, texts(at.error)
     labels = {m.label for m in at.metric}
     assert {"effect of patching v", "effect of the whole site"} <= labels
-    assert "illusion" in (texts(at.success) + texts(at.warning)).lower()
+    assert "Illusion check not applicable at blocks.1.hook_resid_post" in texts(at.info)
+    assert not at.success and not at.warning  # neither "No illusion flagged" nor "Illusion flagged"
     at.radio(key="patch_dir").set_value("DAS").run()
     at.slider(key="patch_steps").set_value(10).run()
     at.button(key="patch_run").click().run()
-    assert not at.exception and "DAS rank 1" in texts(at.markdown)
+    assert not at.exception and "DAS rank 1, trained on the only pair" in texts(at.markdown)
+    assert "nothing is held out" in texts(at.markdown)
+    at.text_area(key="patch_base").input("Jane met Elizabeth and gave a letter to\nJane saw Elizabeth, then spoke to\n"
+                                         "Jane wrote to\nWhen Jane came, she smiled at").run()
+    at.text_area(key="patch_source").input("Elizabeth met Jane and gave a letter to\nElizabeth saw Jane, then spoke "
+                                           "to\nElizabeth, tired, wrote to\nWhen Elizabeth came, she smiled at").run()
+    at.button(key="patch_run").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert "trained on 3 pair(s)" in texts(at.markdown) and "on 1 held-out pair(s)" in texts(at.markdown)
+
+
+def test_patching_needs_the_dictionary_only_for_feature_directions(store_env, monkeypatch, tmp_path):
+    bare = tmp_path / "bare"
+    shutil.copytree(store_env["store"], bare)
+    meta = json.loads((bare / "meta.json").read_text())
+    for key in ("dictionary_path", "dictionary_path_abs"):
+        meta.pop(key, None)
+    (bare / "meta.json").write_text(json.dumps(meta))
+    monkeypatch.setenv("STEERSCOPE_STORE", str(bare))
+    at = open_app("patching")
+    assert not at.error, texts(at.error)
+    assert "Feature directions need the dictionary" in texts(at.info) and at.button(key="patch_run").disabled
+    at.button(key="patch_grid_run").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert any('"heatmap"' in c.proto.spec.lower() for c in at.get("plotly_chart"))
+    at.radio(key="patch_dir").set_value("DAS").run()
+    at.slider(key="patch_steps").set_value(10).run()
+    assert not at.button(key="patch_run").disabled
+    at.button(key="patch_run").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert "DAS rank 1" in texts(at.markdown)
 
 
 def test_patching_grid_locates_the_information(store_env):
@@ -204,9 +236,15 @@ def test_patching_bad_inputs_are_one_line_errors(store_env):
     at.text_area(key="patch_source").input("a\nb").run()
     at.button(key="patch_run").click().run()
     assert "as many source prompts as base prompts" in texts(at.error)
-    at.text_area(key="patch_source").input("Short").run()
+    at.text_area(key="patch_source").input("Short").run()  # another length: fine at the last token ...
     at.button(key="patch_run").click().run()
-    assert "same number of tokens" in texts(at.error)
+    assert not at.error, texts(at.error)
+    at.radio(key="patch_pos").set_value("all positions").run()  # ... but not at every position
+    at.button(key="patch_run").click().run()
+    assert "as many tokens as its source" in texts(at.error)
+    at.text_input(key="patch_good").input(" Jane Austen").run()
+    at.button(key="patch_run").click().run()
+    assert "give exactly one token" in texts(at.error)
 
 
 # ------------------------------------------------------------------ bad stores

@@ -144,6 +144,15 @@ def test_several_vectors_and_text_api(model, vectors):
     assert isinstance(generate(model, PROMPTS[0], steer=both, mode="all", max_new_tokens=4), str)
 
 
+@pytest.mark.parametrize("mode", ["prompt", "generated", "all"])
+def test_steer_none_is_steer_empty(model, mode):
+    none, empty = _run(model, PROMPTS, None, mode), _run(model, PROMPTS, [], mode)
+    assert torch.equal(none.tokens, empty.tokens) and torch.equal(none.logits, empty.logits)
+    assert generate(model, PROMPTS[0], steer=None, max_new_tokens=4) == generate(model, PROMPTS[0], max_new_tokens=4)
+    with steer(model, None) as pos:
+        assert count_hooks(model) == 0 and pos.start == 0
+
+
 def test_sampling_is_seeded(model, vectors):
     kw = dict(do_sample=True, temperature=1.5, top_k=50, top_p=0.9)
     a = _run(model, PROMPTS, [vectors["flat"]], "all", seed=3, **kw)

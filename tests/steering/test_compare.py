@@ -12,7 +12,9 @@ from probe.zoo.specs import MODEL_SPECS
 from steering.compare import (
     Contrast,
     calibrate,
+    check_disjoint,
     compare_at_matched_kl,
+    concept_comparison,
     concept_logmass,
     concept_positions,
     concept_token_ids,
@@ -110,3 +112,14 @@ def test_unembedding_direction_beats_random_directions_at_matched_kl(model):
     assert all(abs(r.kl - 0.1) <= 0.002 for r in rows)
     gains = {r.name: r.gain for r in rows}
     assert gains["unembed"] > 0.2 and gains["unembed"] > max(g for n, g in gains.items() if n != "unembed") + 0.1
+
+
+def test_selection_calibration_and_scoring_must_be_disjoint(model):
+    docs = [f"Chapter {i}. " + " ".join(["the letter came"] * 40) for i in range(6)]
+    check_disjoint(a=docs[:2], b=docs[2:4], c=docs[4:])
+    with pytest.raises(SteerscopeError, match="the calibration and evaluation texts share 1 document"):
+        concept_comparison(model, {}, {"letters": ["letter"]}, docs[:2], docs[2:5], docs[4:], "blocks.1.hook_resid_post",
+                           progress=False)
+    with pytest.raises(SteerscopeError, match="the selection and calibration texts share 2 document"):
+        concept_comparison(model, {}, {"letters": ["letter"]}, docs[:2], docs[:2], docs[4:], "blocks.1.hook_resid_post",
+                           progress=False)

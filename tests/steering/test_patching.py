@@ -15,15 +15,14 @@ import torch
 from probe.errors import SteerscopeError
 from probe.hooks import count_hooks
 from probe.models import build_model
-from steering.das import interchange_accuracy, train_das
+from steering.das import interchange_accuracy, split_pairs, train_das
+from steering.illusion import illusion_diagnostics, split_direction
 from steering.patching import (
     Patch,
-    illusion_diagnostics,
     logit_diff,
     patch,
     patching_grid,
     run_patch,
-    split_direction,
     subspace_patch,
 )
 
@@ -143,6 +142,29 @@ def test_das_recovers_the_causal_direction():
     assert all(not p.requires_grad or p.grad is None for p in m.parameters()) and count_hooks(m) == 0
 
 
+def test_das_reports_iia_on_held_out_pairs():
+    m, u, _, base, source, expected = das_toy()
+    train, test = split_pairs(len(base), test_frac=0.25, seed=0)
+    assert len(train) == 12 and len(test) == 4 and set(train.tolist()) | set(test.tolist()) == set(range(16))
+    assert not set(train.tolist()) & set(test.tolist())
+    site = "blocks.0.hook_resid_pre"
+    # held-out triples labelled with the base's value: the causal direction gets every one of them wrong
+    wrong = 1 - expected[test]
+    res = train_das(m, base[train], source[train], expected[train], site, position=0, steps=100, lr=0.1,
+                    test=(base[test], source[test], wrong))
+    assert res.iia == 1.0 and res.n_train == 12 and res.n_test == 4
+    assert res.test_iia == interchange_accuracy(m, res.patch, base[test], source[test], wrong)
+    assert res.test_iia < 1.0 and "test_iia=" in repr(res) and "(4 pairs)" in repr(res)
+    res = train_das(m, base[train], source[train], expected[train], site, position=0, steps=100, lr=0.1,
+                    test=(base[test], source[test], expected[test]))
+    assert res.test_iia == 1.0
+    no_test = train_das(m, base, source, expected, site, position=0, steps=2)
+    assert no_test.test_iia is None and "no held-out pairs" in repr(no_test)
+    assert [len(x) for x in split_pairs(1)] == [1, 0] and [len(x) for x in split_pairs(2)] == [1, 1]
+    with pytest.raises(SteerscopeError, match="triple"):
+        train_das(m, base, source, expected, site, 0, steps=1, test=(base, source))
+
+
 def test_das_bad_inputs():
     m, _, _, base, source, expected = das_toy()
     site = "blocks.0.hook_resid_pre"
@@ -191,6 +213,17 @@ def test_faithful_direction_is_not_flagged():
     assert r.null_share == pytest.approx(0.0) and not r.illusion
 
 
+def test_illusion_check_is_not_applicable_when_the_reader_sees_everything(model, pair):
+    base, source = pair
+    r = illusion_diagnostics(model, base, source, RESID, torch.randn(16), logit_diff(1, 2), reader=torch.eye(16),
+                             positions=-1)
+    assert r.null_dim == 0 and not r.applicable and not r.illusion
+    assert "not applicable" in repr(r) and "no illusion flagged" not in repr(r)
+    assert "not applicable" in r.figure().layout.title.text
+    r = illusion_diagnostics(model, base, source, POST, torch.randn(32), logit_diff(1, 2), positions=-1)
+    assert r.null_dim == 16 and r.applicable and "not applicable" not in repr(r)  # W_out [32, 16]
+
+
 def test_split_against_w_out(model):
     w_out = model.blocks[0].mlp.W_out.detach()  # [d_mlp=32, d_model=16]: a 16-dim null space in R^32
     v = torch.randn(32)
@@ -207,8 +240,10 @@ def test_split_against_w_out(model):
 
 def test_patching_bad_inputs(model, pair):
     base, source = pair
-    with pytest.raises(SteerscopeError, match="same shape"):
-        patch(model, base, source[:, :4], RESID)
+    with pytest.raises(SteerscopeError, match="as many tokens as its source"):
+        patch(model, base, source[:, :4], RESID)  # every position, but the source is shorter
+    with pytest.raises(SteerscopeError, match="3 base prompts but 2 source prompts"):
+        patch(model, base, source[:2], RESID, positions=-1)
     with pytest.raises(SteerscopeError, match="out of range"):
         patch(model, base, source, RESID, positions=6)
     with pytest.raises(SteerscopeError, match="Did you mean"):

@@ -175,12 +175,41 @@ def test_from_feature_sae_and_transcoder():
 
     sae = TopKSAE(TopKConfig(d_in=64, d_sae=16, k=4, site="blocks.1.hook_resid_post"))
     v = SteeringVector.from_feature(sae, 3, coeff=2.0)
-    assert v.site == "blocks.1.hook_resid_post" and torch.equal(v.tensor, sae.W_dec[3].detach())
+    row = sae.W_dec[3].detach()
+    assert v.site == "blocks.1.hook_resid_post" and v.coeff == 2.0
+    assert_close(v.tensor, row / row.norm(), atol=1e-6, rtol=0)
     tc = Transcoder(TranscoderConfig(d_in=64, d_sae=16, k=4, site="blocks.0.hook_mlp_in",
                                      target_site="blocks.0.hook_mlp_out", apply_b_dec_to_input=False))
     assert SteeringVector.from_feature(tc, 5).site == "blocks.0.hook_mlp_out"
     with pytest.raises(SteerscopeError, match="out of range"):
         SteeringVector.from_feature(sae, 16)
+
+
+@pytest.mark.parametrize("arch", ["topk", "transcoder", "snmf"])
+def test_from_feature_is_a_unit_residual_direction_after_fold_input_scale(model, arch):
+    """coeff means residual-norm units for every dictionary: after fold_input_scale(s) the decoder rows have
+    norm 1/s (or anything, for SNMF), yet the vector added to the residual stream has norm exactly coeff."""
+    from saes.snmf import SNMF, SNMFConfig
+    from saes.topk import TopKConfig, TopKSAE
+    from saes.transcoder import Transcoder, TranscoderConfig
+
+    torch.manual_seed(0)
+    d = {"topk": lambda: TopKSAE(TopKConfig(d_in=64, d_sae=16, k=4, site="blocks.1.hook_resid_post")),
+         "transcoder": lambda: Transcoder(TranscoderConfig(d_in=64, d_sae=16, k=4, site="blocks.0.hook_mlp_in",
+                                                           target_site="blocks.0.hook_mlp_out",
+                                                           apply_b_dec_to_input=False)),
+         "snmf": lambda: SNMF(SNMFConfig(d_in=128, d_sae=4, site="blocks.0.mlp.hook_post"))}[arch]()
+    before = SteeringVector.from_feature(d, 2, coeff=3.0, model=model)
+    s = 7.5
+    with torch.no_grad():
+        d.fold_input_scale(s) if arch != "snmf" else d.W_dec.mul_(1 / s)
+    if arch != "snmf":
+        assert_close(d.W_dec[2].norm(), before.provenance["direction_norm"] / s * torch.ones(()), atol=1e-5, rtol=1e-5)
+    v = SteeringVector.from_feature(d, 2, coeff=3.0, model=model)
+    assert_close(v.scaled().norm(), torch.tensor(3.0), atol=1e-5, rtol=0)  # |coeff * direction| = coeff
+    assert_close(v.tensor, before.tensor, atol=1e-5, rtol=1e-5)  # the scale changes nothing
+    assert v.provenance["direction_norm"] == pytest.approx(before.provenance["direction_norm"] / s, rel=1e-4)
+    assert v.tensor.shape == (64,) and v.site.startswith("blocks.")
 
 
 def test_from_feature_snmf_is_w_out_z(model):
@@ -192,6 +221,7 @@ def test_from_feature_snmf_is_w_out_z(model):
     v = SteeringVector.from_feature(snmf, 1, coeff=3.0, model=model)
     assert v.site == "blocks.0.hook_mlp_out"
     z = snmf.W_dec[1].detach()
+    z = z / float((z @ model.blocks[0].mlp.W_out.detach()).norm())  # unit in the residual stream
     tokens = model.to_tokens("She walked into the room")
     with torch.no_grad(), hooks(model, [("blocks.0.mlp.hook_post", lambda t, h: t + 3.0 * z)]):
         neuron_space = model(tokens)
