@@ -17,6 +17,7 @@ in one go, resumed after a kill, or by several ``torchrun`` ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ from tqdm.auto import tqdm
 from probe.corpus import load_corpus, pack
 from probe.errors import SteerscopeError, suggest
 from probe.hooks import capture
+from probe.locks import dir_lock
 from probe.sites import SiteSpec, all_sites, layer_of, resolve
 from probe.store_files import (
     MANIFEST,
@@ -39,13 +41,15 @@ from probe.store_files import (
     check_dir,
     file_entry,
     prepare,
-    read_bytes,
     read_checked,
     read_manifest,
+    read_sidecar,
     shard_name,
+    sidecar,
     spec_hash,
     tokens_bytes,
     write_manifest,
+    write_sidecar,
 )
 
 FORMAT = "steerscope-activations"
@@ -75,7 +79,8 @@ class ActivationStore:
         if m.get("format") != FORMAT or m.get("version") != VERSION:
             raise SteerscopeError(f"{path}: unsupported store format {m.get('format')!r} v{m.get('version')}")
         if not m.get("complete"):
-            raise SteerscopeError(f"{path}: the build did not finish; call ActivationStore.build again with the same arguments to resume")
+            raise SteerscopeError(f"{path}: the build did not finish; rerun the same `steerscope cache build {path} ...` "
+                                  "command (or ActivationStore.build with the same arguments) to resume it")
         return cls(path, m)
 
     @classmethod
@@ -101,17 +106,21 @@ class ActivationStore:
         spec = _plan(model, names, tokens, n_tokens, dtype, include_bos, shard_tokens, corpus_spec)
         tokens = tokens[: spec["n_contexts"]]
         rank, world = _dist_info()
-        state = check_dir(path, spec, overwrite)
-        _barrier(world)
-        if state != "done":
-            if rank == 0:
-                prepare(path, spec, tokens, wipe=state == "wipe")
+        if path.exists() and not path.is_dir():
+            raise SteerscopeError(f"{path} is a file, not a directory; choose another path for the store")
+        # one build per directory at a time (rank 0 holds the lock for the whole job)
+        with dir_lock(path, "cache build") if rank == 0 else contextlib.nullcontext():
+            state = check_dir(path, spec, overwrite)
             _barrier(world)
-            own = _run_shards(model, tokens, names, spec, path, batch_size, rank, world, progress)
-            _barrier(world)
-            if rank == 0:
-                _finalize(path, spec, own)
-            _barrier(world)
+            if state != "done":
+                if rank == 0:
+                    prepare(path, spec, tokens, wipe=state == "wipe")
+                _barrier(world)
+                own = _run_shards(model, tokens, names, spec, path, batch_size, rank, world, progress)
+                _barrier(world)
+                if rank == 0:
+                    _finalize(path, spec, own)
+                _barrier(world)
         return cls.open(path)
 
     def __len__(self) -> int:
@@ -160,7 +169,8 @@ class ActivationStore:
             except SteerscopeError:
                 bad.append(entry["file"])
         if bad:
-            raise SteerscopeError(f"{self.path}: {len(bad)} damaged file(s): {', '.join(bad)}; rebuild the store")
+            raise SteerscopeError(f"{self.path}: {len(bad)} damaged file(s): {', '.join(bad)}; rerun the same "
+                                  "`steerscope cache build` (it re-makes damaged shards) or pass --overwrite")
 
     def batches(self, site: str, batch_size: int = 4096, shuffle: bool = True, seed: int = 0,
                 buffer_shards: int = 4, device: str | torch.device | None = None) -> Iterator[torch.Tensor]:
@@ -334,6 +344,7 @@ def _run_shards(model, tokens, names, spec, path, batch_size, rank, world, progr
             data = st_save(tensors, metadata={"spec": spec_hash(spec)})
             atomic_write(path / shard_name(i), data)
             own[i] = file_entry(shard_name(i), data)
+            write_sidecar(path, own[i])
     return own
 
 
@@ -355,9 +366,14 @@ def _forward_shard(model, tokens, spec, i, stop, acts, batch_size, bar) -> dict[
 
 
 def _shard_ok(path: Path, spec: dict, i: int) -> bool:
-    """Whether shard ``i`` already exists from an interrupted build of this very spec."""
-    file = path / shard_name(i)
-    if not file.exists():
+    """Whether shard ``i`` already exists from an interrupted build of this very spec, with the size and sha256
+    its sidecar recorded when it was written (a shard damaged after a kill is re-made, not carried over)."""
+    file, entry = path / shard_name(i), read_sidecar(path, shard_name(i))
+    if not file.exists() or entry is None:
+        return False
+    try:
+        read_checked(file, entry)
+    except SteerscopeError:
         return False
     rows = _bounds(spec, i)[3]
     try:
@@ -370,10 +386,15 @@ def _shard_ok(path: Path, spec: dict, i: int) -> bool:
 
 
 def _finalize(path: Path, spec: dict, own: dict[int, dict]) -> None:
-    """Write the complete manifest: entries for this rank's shards, re-hashed files for the others."""
+    """Write the complete manifest: entries for this rank's shards, the sidecars' for the others (recorded when
+    each shard was written, never re-hashed from what is on disk now); then drop the sidecars."""
     shards = []
     for i in range(_n_shards(spec)):
         _, _, first, rows = _bounds(spec, i)
-        entry = own.get(i) or file_entry(shard_name(i), read_bytes(path / shard_name(i)))
+        entry = own.get(i) or read_sidecar(path, shard_name(i))
+        if entry is None:
+            raise SteerscopeError(f"{path / shard_name(i)} has no recorded checksum; rerun the same build to re-make it")
         shards.append({**entry, "rows": rows, "first_row": first})
     write_manifest(path, {**spec, "complete": True, "shards": shards})
+    for i in range(_n_shards(spec)):
+        sidecar(path, shard_name(i)).unlink(missing_ok=True)

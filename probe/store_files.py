@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from probe.errors import SteerscopeError
+from probe.locks import LOCK
 
 MANIFEST = "manifest.json"
 TOKENS = "tokens.safetensors"
@@ -22,20 +23,56 @@ TOKENS = "tokens.safetensors"
 
 def check_dir(path: Path, spec: dict, overwrite: bool) -> str:
     """``fresh``, ``resume``, ``done`` or ``wipe``; refuse a foreign directory or a different store."""
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+    if not path.exists() or (path.is_dir() and not any(p.name != LOCK for p in path.iterdir())):
         return "fresh"
     old = read_manifest(path) if path.is_dir() else None
     if old is None:
         raise SteerscopeError(f"{path} exists and is not an activation store (no {MANIFEST}); choose a new or empty directory")
     diff = next((k for k in {**old, **spec} if k not in ("complete", "shards") and old.get(k) != spec.get(k)), None)
-    if diff is None:
-        return "done" if old.get("complete") else "resume"
     if overwrite:
         return "wipe"
+    if diff is None:
+        if not old.get("complete"):
+            return "resume"
+        return "resume" if drop_damaged(path, old) else "done"
     raise SteerscopeError(
         f"{path} holds a different activation store ({diff}: {str(old.get(diff))[:60]} != {str(spec.get(diff))[:60]}); "
         "pass overwrite=True to replace it or choose another path"
     )
+
+
+def drop_damaged(path: Path, manifest: dict) -> list[str]:
+    """Delete the shards of a complete store whose size or sha256 differ from the manifest, keeping each good
+    shard's entry beside it (``.sha256`` sidecar) so a resumed build re-makes only the damaged ones."""
+    bad = []
+    for entry in manifest["shards"]:
+        try:
+            read_checked(path / entry["file"], entry)
+        except SteerscopeError:
+            bad.append(entry["file"])
+    for entry in manifest["shards"] if bad else ():
+        if entry["file"] in bad:
+            (path / entry["file"]).unlink(missing_ok=True)
+        else:
+            write_sidecar(path, entry)
+    return bad
+
+
+def sidecar(path: Path, shard: str) -> Path:
+    return path / f"{shard}.sha256"
+
+
+def write_sidecar(path: Path, entry: dict) -> None:
+    """A shard's size and sha256, written when the shard is: a resumed build checks carried-over shards with it."""
+    atomic_write(sidecar(path, entry["file"]), json.dumps(entry).encode())
+
+
+def read_sidecar(path: Path, shard: str) -> dict | None:
+    try:
+        entry = json.loads(sidecar(path, shard).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return entry if isinstance(entry, dict) and {"file", "sha256", "bytes"} <= set(entry) else None
 
 
 def prepare(path: Path, spec: dict, tokens: torch.Tensor, wipe: bool) -> None:
@@ -44,7 +81,7 @@ def prepare(path: Path, spec: dict, tokens: torch.Tensor, wipe: bool) -> None:
     if wipe:
         (path / MANIFEST).unlink(missing_ok=True)
     for f in path.iterdir():
-        if ".tmp" in f.name or (wipe and (f.name == TOKENS or f.name.startswith("shard-"))):
+        if ".tmp" in f.name or (wipe and (f.name == TOKENS or f.name.startswith("shard-"))):  # shards and sidecars
             f.unlink()
     atomic_write(path / TOKENS, tokens_bytes(tokens))
     write_manifest(path, {**spec, "complete": False, "shards": []})
