@@ -44,9 +44,11 @@ from tqdm.auto import tqdm
 
 from probe.errors import SteerscopeError
 from probe.hooks import capture
+from probe.locks import dir_lock
 from probe.sites import layer_of, resolve_one
 from probe.store_files import file_entry
 from saes.base import Dictionary, fingerprint, load_dictionary
+from saes.directions import logit_table, neighbour_table, residual_directions
 from saes.provenance import dictionary_dir, path_fields, read_beside, refresh
 
 FORMAT, VERSION = "steerscope-features", 1
@@ -220,6 +222,8 @@ def build_feature_store(dictionary: Dictionary | str | Path, model, tokens_or_st
     dictionary = load_dictionary(dict_path, device=device) if dict_path is not None else dictionary
     if isinstance(model, str | Path):
         model_ref, model = model_ref or str(model), load_model(model, device=device)
+    if n_tokens is not None and n_tokens < 1:
+        raise SteerscopeError(f"n_tokens must be a positive number of tokens to scan (or None: all), got {n_tokens}")
     if min(n_examples, n_intervals, per_interval, n_logits, batch_contexts) < 1 or min(*window, n_neighbours) < 0 \
             or n_bins < 2 * n_intervals:
         raise SteerscopeError("n_examples, n_intervals, per_interval, n_logits, batch_contexts must be >= 1, window "
@@ -231,28 +235,30 @@ def build_feature_store(dictionary: Dictionary | str | Path, model, tokens_or_st
     tokens, total, label, per, batches = _source(model, tokens_or_store, site, n_tokens, n_ctx, batch_contexts)
     params["data"] = hashlib.sha256(tokens.int().numpy().tobytes()).hexdigest()[:16] + f"/{total}"
     fp, out = dictionary_fingerprint(dictionary), Path(out_dir)
-    if (old := _existing(out, fp, params, overwrite)) is not None:
-        return refresh(old, dictionary, dict_path, out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # no meta.json: not a finished store
-    dict_path = dictionary_dir(dictionary, dict_path, fp, out)
-    top, iv, stats = _scan(dictionary, batches, total, per, params, progress)
-    tok, scan_s = model.tokenizer, time.time() - t0
-    strs = tok.batch_decode([[i] for i in range(model.cfg.d_vocab)]) if tok is not None else [""] * model.cfg.d_vocab
-    vocab = pa.array([s or f"<{i}>" for i, s in enumerate(strs)])  # each id decoded on its own
-    dirs, write_site, note = _residual_directions(dictionary, model)
-    tables = {"features": _features_table(stats, iv, total), "logits": _logits(dirs, model, n_logits, vocab),
-              "examples": _examples_table(top, iv, stats["max"], tokens, vocab, params),
-              "neighbours": _neighbours(dictionary.W_dec.detach().float().cpu(), n_neighbours),
-              "vocab": pa.table({"token_id": np.arange(len(vocab), dtype=np.int32), "token": vocab})}
-    for name, table in tables.items():
-        write_atomic(out / f"{name}.parquet", table.replace_schema_metadata({"fingerprint": fp}))
-    meta = _meta(dictionary, dict_path, out, fp, model, model_ref, site, write_site, note, params, total, tokens, label)
-    meta["tables"] = {name: file_entry(f"{name}.parquet", (out / f"{name}.parquet").read_bytes()) for name in tables}
-    meta["build"] = {"seconds": round(time.time() - t0, 3), "scan_seconds": round(scan_s, 3),
-                     "tokens_per_s": round(total / max(scan_s, 1e-9), 1), "n_example_rows": tables["examples"].num_rows}
-    write_atomic(out / "meta.json", json.dumps(meta, indent=2, default=str).encode())
-    return meta
+    with dir_lock(out, "feature-store build"):  # one build per directory; stale temp files of a killed one go
+        for stale in out.glob(".*.tmp*"):
+            stale.unlink(missing_ok=True)
+        if (old := _existing(out, fp, params, overwrite)) is not None:
+            return refresh(old, dictionary, dict_path, out)
+        (out / "meta.json").unlink(missing_ok=True)  # no meta.json: not a finished store
+        dict_path = dictionary_dir(dictionary, dict_path, fp, out)
+        top, iv, stats = _scan(dictionary, batches, total, per, params, progress)
+        tok, scan_s = model.tokenizer, time.time() - t0
+        strs = tok.batch_decode([[i] for i in range(model.cfg.d_vocab)]) if tok is not None else [""] * model.cfg.d_vocab
+        vocab = pa.array([s or f"<{i}>" for i, s in enumerate(strs)])  # each id decoded on its own
+        dirs, write_site, note = residual_directions(dictionary, model)
+        tables = {"features": _features_table(stats, iv, total), "logits": logit_table(dirs, model, n_logits, vocab),
+                  "examples": _examples_table(top, iv, stats["max"], tokens, vocab, params),
+                  "neighbours": neighbour_table(dictionary.W_dec.detach().float().cpu(), n_neighbours),
+                  "vocab": pa.table({"token_id": np.arange(len(vocab), dtype=np.int32), "token": vocab})}
+        for name, table in tables.items():
+            write_atomic(out / f"{name}.parquet", table.replace_schema_metadata({"fingerprint": fp}))
+        meta = _meta(dictionary, dict_path, out, fp, model, model_ref, site, write_site, note, params, total, tokens, label)
+        meta["tables"] = {name: file_entry(f"{name}.parquet", (out / f"{name}.parquet").read_bytes()) for name in tables}
+        meta["build"] = {"seconds": round(time.time() - t0, 3), "scan_seconds": round(scan_s, 3),
+                         "tokens_per_s": round(total / max(scan_s, 1e-9), 1), "n_example_rows": tables["examples"].num_rows}
+        write_atomic(out / "meta.json", json.dumps(meta, indent=2, default=str).encode())
+        return meta
 
 
 def _existing(out: Path, fp: str, params: dict, overwrite: bool) -> dict | None:
@@ -261,6 +267,9 @@ def _existing(out: Path, fp: str, params: dict, overwrite: bool) -> dict | None:
     meta = None
     with contextlib.suppress(OSError, json.JSONDecodeError, UnicodeDecodeError):
         meta = json.loads((out / "meta.json").read_text())
+    for marker, kind in (("manifest.json", "an activation store"), ("cfg.json", "a dictionary")):
+        if (out / marker).is_file():
+            raise SteerscopeError(f"{out} holds {kind}; give the feature store a directory of its own (--out)")
     if isinstance(meta, dict) and meta.get("fingerprint") == fp and meta.get("params") == params and not overwrite:
         return meta
     if meta is not None and not overwrite:
@@ -324,58 +333,6 @@ def _features_table(stats: dict, iv: _Intervals, total: int) -> pa.Table:
                      "mean_act": (stats["sum"] / count.clamp(min=1)).float().numpy(),
                      "hist_counts": pa.array(hist, pa.list_(pa.int64())),
                      "hist_width": torch.where(count > 0, width, 0.0).numpy()})
-
-
-def _residual_directions(dictionary, model) -> tuple[torch.Tensor | None, str, str]:
-    """Decoder rows in the residual stream, the site they write to, and how they were mapped."""
-    W, site = dictionary.W_dec.detach().float().cpu(), dictionary.cfg.target_site or dictionary.cfg.site or ""
-    cfg, layer = model.cfg, layer_of(site)
-    block = model.blocks[layer] if layer is not None else None
-    if W.shape[1] == cfg.d_model:
-        return W, site, "decoder rows (d_model wide) used as residual directions"
-    if site.endswith("mlp.hook_post") and isinstance(getattr(block.mlp, "W_out", None), torch.Tensor):
-        return W @ block.mlp.W_out.detach().float().cpu(), site, "W_dec @ W_out (MLP neurons -> residual)"
-    if site.endswith("attn.hook_z") and W.shape[1] == cfg.n_heads * cfg.d_head:
-        return W @ block.attn.W_O.detach().float().cpu().reshape(-1, cfg.d_model), site, "W_dec @ W_O (heads -> residual)"
-    return None, site, f"no logit effects: cannot map {site} (width {W.shape[1]}) to the residual stream"
-
-
-def _per_feature(vals: torch.Tensor, ids: torch.Tensor, id_name: str, value_name: str) -> dict[str, np.ndarray]:
-    F, k = vals.shape  # columns feature, rank, ids, values of a per-feature top-k ([F, k] tensors)
-    return {"feature": np.repeat(np.arange(F, dtype=np.int32), k), "rank": np.tile(np.arange(k, dtype=np.int16), F),
-            id_name: ids.numpy().astype(np.int32).ravel(), value_name: vals.numpy().astype(np.float32).ravel()}
-
-
-def _logits(dirs, model, n: int, vocab: pa.Array, chunk: int = 512) -> pa.Table:
-    """Top and bottom ``n`` tokens of each residual direction through the unembedding (module docstring)."""
-    parts: dict[str, list] = {"top": [], "bottom": []}
-    if dirs is not None:
-        W_U, ln = model.W_U.detach().float().cpu(), getattr(model, "ln_final", None)
-        dirs = dirs - dirs.mean(1, keepdim=True) if model.cfg.normalization_type in ("LN", "LNPre") else dirs
-        dirs = dirs * ln.w.detach().float().cpu() if isinstance(getattr(ln, "w", None), torch.Tensor) else dirs
-        for c0 in range(0, len(dirs), chunk):
-            eff = dirs[c0 : c0 + chunk] @ W_U
-            for kind in parts:
-                parts[kind].append(eff.topk(min(n, W_U.shape[1]), 1, largest=kind == "top"))
-    tables = []
-    for kind, got in parts.items():
-        t = _per_feature(*(torch.cat(x) for x in zip(*got, strict=True)) if got else (torch.zeros(0, 0),) * 2,
-                         "token_id", "value")
-        tables.append(pa.table({**t, "kind": pa.array([kind] * len(t["value"]), pa.string()),
-                                "token": pa.DictionaryArray.from_arrays(pa.array(t["token_id"]), vocab)}))
-    return pa.concat_tables(tables).sort_by([("feature", "ascending"), ("kind", "descending")])
-
-
-def _neighbours(W: torch.Tensor, n: int, chunk: int = 1024) -> pa.Table:
-    """The ``n`` decoder rows of highest cosine similarity to each row."""
-    Wn, k, vals, idx = W / W.norm(dim=1, keepdim=True).clamp(min=1e-12), min(n, len(W) - 1), [], []
-    for c0 in range(0, len(W), chunk):
-        sim = Wn[c0 : c0 + chunk] @ Wn.T
-        sim[torch.arange(len(sim)), torch.arange(c0, c0 + len(sim))] = -math.inf
-        v, i = sim.topk(k, 1)
-        vals.append(v)
-        idx.append(i)
-    return pa.table(_per_feature(torch.cat(vals), torch.cat(idx), "neighbour", "cosine"))
 
 
 def write_atomic(file: Path, data: pa.Table | bytes) -> None:

@@ -164,3 +164,29 @@ def test_bad_arguments(tiny_dense, sae, tmp_path):
     wrong = TopKSAE(TopKConfig(d_in=64, d_sae=8, k=2, site="blocks.9.hook_resid_post"))
     with pytest.raises(SteerscopeError, match="layers"):
         build_feature_store(wrong, tiny_dense, contexts(2, 8), tmp_path / "x", progress=False)
+
+
+# ------------------------------------------------------------------ the build's directory
+@pytest.mark.parametrize("marker, kind", [("manifest.json", "an activation store"), ("cfg.json", "a dictionary")])
+def test_a_build_never_writes_into_another_artifact(tiny_dense, sae, tmp_path, marker, kind):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / marker).write_text("{}")
+    with pytest.raises(SteerscopeError, match=f"holds {kind}"):
+        build_feature_store(sae, tiny_dense, contexts(4, 16), tmp_path / "d", progress=False)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [marker]
+
+
+def test_zero_tokens_is_an_error_not_the_whole_corpus(tiny_dense, sae, tmp_path):
+    with pytest.raises(SteerscopeError, match="n_tokens must be a positive"):
+        build_feature_store(sae, tiny_dense, contexts(4, 16), tmp_path / "f", n_tokens=0, progress=False)
+
+
+def test_a_killed_builds_temp_files_go_and_a_running_build_is_refused(tiny_dense, sae, tmp_path):
+    from probe.locks import dir_lock
+
+    (tmp_path / "f").mkdir()
+    (tmp_path / "f" / ".examples.parquet.tmp12345").write_bytes(b"half")
+    with dir_lock(tmp_path / "f", "feature-store build"), pytest.raises(SteerscopeError, match="in use by"):
+        build_feature_store(sae, tiny_dense, contexts(4, 16), tmp_path / "f", progress=False)
+    build_feature_store(sae, tiny_dense, contexts(4, 16), tmp_path / "f", progress=False)
+    assert not list((tmp_path / "f").glob(".*tmp*")) and not (tmp_path / "f" / ".lock").exists()
