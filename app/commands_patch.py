@@ -54,9 +54,9 @@ def _pairs(base: str | None, source: str | None, pairs: Path | None) -> tuple[li
     if pairs is not None:
         if base is not None or source is not None:
             raise SteerscopeError("give BASE SOURCE or --pairs FILE, not both")
-        if not pairs.is_file():
-            raise SteerscopeError(f"{pairs} does not exist")
-        rows = [ln.split("\t") for ln in pairs.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        from probe.corpus import read_text_file
+
+        rows = [ln.split("\t") for ln in read_text_file(pairs, "pairs file").splitlines() if ln.strip()]
         bad = [i + 1 for i, r in enumerate(rows) if len(r) != 2 or not all(s.strip() for s in r)]
         if not rows or bad:
             raise SteerscopeError(f"{pairs}: want one 'base<TAB>source' pair per line (bad lines: {bad[:5] or 'none'})")

@@ -35,9 +35,9 @@ def _echo_json(obj: Any) -> None:
 
 def read_config(path: Path) -> dict[str, Any]:
     """A JSON or YAML file holding one mapping."""
-    if not path.is_file():
-        raise SteerscopeError(f"config file {path} does not exist")
-    text = path.read_text()
+    from probe.corpus import read_text_file
+
+    text = read_text_file(path, "config file")
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -112,6 +112,10 @@ def train_cmd(
     if missing:
         raise SteerscopeError(f"train needs {', '.join(missing)} (as flags or in --config)")
     arch = kwargs.pop("architecture")
+    if kwargs.get("device") is not None:
+        from probe.models import resolve_device
+
+        kwargs["device"] = resolve_device(kwargs["device"])  # "cuda" on a CPU-only torch: one line, not an assert
     sae = train(arch, ActivationStore.open(store_path), **kwargs, **arch_kwargs)
     summary = {k_: v for k_, v in sae.cfg.training.items() if k_ != "config"}
     _echo_json({"out": str(kwargs["out"]), **summary})

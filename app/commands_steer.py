@@ -212,9 +212,9 @@ def _concepts(specs: list[str]) -> dict[str, list[str]]:
 
 
 def _lines(path: Path) -> list[str]:
-    if not path.exists():
-        raise SteerscopeError(f"{path} does not exist")
-    lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()]
+    from probe.corpus import read_text_file
+
+    lines = [s.strip() for s in read_text_file(path, "prompts file").splitlines() if s.strip()]
     if not lines:
         raise SteerscopeError(f"{path} has no prompts (one per line)")
     return lines

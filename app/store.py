@@ -195,17 +195,10 @@ class FeatureStore:
 
 
 def _check_table(file: Path, fingerprint: str, entry: dict | None) -> None:
-    """Present, its size and sha256 as meta.json records them (stores built before checksums: not checked),
-    and stamped with the meta's fingerprint."""
+    """Present, a Parquet file stamped with the meta's fingerprint, and of the size and sha256 meta.json records
+    (stores built before checksums: not checked)."""
     if not file.is_file():
         raise StoreError(f"{file.parent} is incomplete: {file.name} is missing; rebuild the store with --overwrite")
-    if entry is not None:
-        size = file.stat().st_size
-        if size != entry.get("bytes"):
-            raise StoreError(f"{file} is truncated or altered ({size} bytes, meta.json says {entry.get('bytes')}); "
-                             "rebuild the store with --overwrite")
-        if _sha256(file) != entry.get("sha256"):
-            raise StoreError(f"{file} is corrupted (its sha256 differs from meta.json's); rebuild the store with --overwrite")
     try:
         meta = pq.read_schema(file).metadata or {}
     except (pa.ArrowInvalid, OSError) as e:
@@ -213,6 +206,13 @@ def _check_table(file: Path, fingerprint: str, entry: dict | None) -> None:
     if meta.get(b"fingerprint", b"").decode() != fingerprint:
         raise StoreError(f"{file.name} belongs to another dictionary than meta.json (a mix of two builds in "
                          f"{file.parent}); rebuild the store with --overwrite")
+    if entry is not None:
+        size = file.stat().st_size
+        if size != entry.get("bytes"):
+            raise StoreError(f"{file} is truncated or altered ({size} bytes, meta.json says {entry.get('bytes')}); "
+                             "rebuild the store with --overwrite")
+        if _sha256(file) != entry.get("sha256"):
+            raise StoreError(f"{file} is corrupted (its sha256 differs from meta.json's); rebuild the store with --overwrite")
 
 
 def _sha256(file: Path, chunk: int = 1 << 22) -> str:

@@ -188,6 +188,9 @@ def _load_hf(rest: str) -> list[str]:
                     raise SteerscopeError(f"dataset {name!r} has no split {split!r} (splits: {', '.join(ds)})")
                 ds = ds[split]
         else:
+            if not _hub_reachable():  # fail in one line now, not after the hub client's retries
+                raise SteerscopeError(f"offline: the dataset hub is unreachable, so hf:{name} cannot be fetched; give a "
+                                      "save_to_disk directory instead (hf:/path/to/dir[:split])")
             ds = datasets.load_dataset(name, split=split)
     except SteerscopeError:
         raise
@@ -196,6 +199,37 @@ def _load_hf(rest: str) -> list[str]:
     if "text" not in ds.column_names:
         raise SteerscopeError(f"dataset {name!r} has no 'text' column (columns: {', '.join(ds.column_names)})")
     return [str(t) for t in ds["text"]]
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """False when the hub is switched off (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or cannot be connected to."""
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return False
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def read_text_file(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file's contents; a missing, unreadable, binary or non-UTF-8 file is one SteerscopeError line.
+    Every command that reads text a user gives (prompts, pairs, configs, corpora) reads it through here."""
+    path = Path(path)
+    if not path.is_file():
+        raise SteerscopeError(f"{what} {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SteerscopeError(f"cannot read {what} {path}: {e.strerror or e}") from e
+    if b"\x00" in data:
+        raise SteerscopeError(f"{what} {path} is a binary file, not text; give a UTF-8 text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SteerscopeError(f"{what} {path} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8") from e
 
 
 def _load_files(spec: str) -> list[str]:
@@ -207,10 +241,7 @@ def _load_files(spec: str) -> list[str]:
         )
     docs: list[str] = []
     for p in paths:
-        try:
-            text = Path(p).read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise SteerscopeError(f"{p} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8") from e
+        text = read_text_file(p)
         if p.endswith(".jsonl"):
             for n, line in enumerate(text.splitlines(), 1):
                 if line.strip():

@@ -108,6 +108,7 @@ class ActivationStore:
         rank, world = _dist_info()
         if path.exists() and not path.is_dir():
             raise SteerscopeError(f"{path} is a file, not a directory; choose another path for the store")
+        check_dir(path, spec, overwrite, repair=False)  # refuse a foreign directory before touching it
         # one build per directory at a time (rank 0 holds the lock for the whole job)
         with dir_lock(path, "cache build") if rank == 0 else contextlib.nullcontext():
             state = check_dir(path, spec, overwrite)

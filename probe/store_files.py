@@ -21,8 +21,9 @@ MANIFEST = "manifest.json"
 TOKENS = "tokens.safetensors"
 
 
-def check_dir(path: Path, spec: dict, overwrite: bool) -> str:
-    """``fresh``, ``resume``, ``done`` or ``wipe``; refuse a foreign directory or a different store."""
+def check_dir(path: Path, spec: dict, overwrite: bool, repair: bool = True) -> str:
+    """``fresh``, ``resume``, ``done`` or ``wipe``; refuse a foreign directory or a different store. A complete store
+    with damaged shards is ``resume`` after they are deleted (``repair=False``: a read-only look, says ``done``)."""
     if not path.exists() or (path.is_dir() and not any(p.name != LOCK for p in path.iterdir())):
         return "fresh"
     old = read_manifest(path) if path.is_dir() else None
@@ -34,7 +35,7 @@ def check_dir(path: Path, spec: dict, overwrite: bool) -> str:
     if diff is None:
         if not old.get("complete"):
             return "resume"
-        return "resume" if drop_damaged(path, old) else "done"
+        return "resume" if repair and drop_damaged(path, old) else "done"
     raise SteerscopeError(
         f"{path} holds a different activation store ({diff}: {str(old.get(diff))[:60]} != {str(spec.get(diff))[:60]}); "
         "pass overwrite=True to replace it or choose another path"

@@ -235,6 +235,7 @@ def build_feature_store(dictionary: Dictionary | str | Path, model, tokens_or_st
     tokens, total, label, per, batches = _source(model, tokens_or_store, site, n_tokens, n_ctx, batch_contexts)
     params["data"] = hashlib.sha256(tokens.int().numpy().tobytes()).hexdigest()[:16] + f"/{total}"
     fp, out = dictionary_fingerprint(dictionary), Path(out_dir)
+    _existing(out, fp, params, overwrite)  # refuse another artifact's directory before touching it
     with dir_lock(out, "feature-store build"):  # one build per directory; stale temp files of a killed one go
         for stale in out.glob(".*.tmp*"):
             stale.unlink(missing_ok=True)

@@ -255,7 +255,13 @@ def evaluate(dictionary, model, tokens_or_texts: Tensor | list[str] | str, site:
         from probe.models import load_model
 
         model = load_model(model, device=device)
+    if n_contexts is not None and n_contexts < 1:
+        raise SteerscopeError(f"n_contexts must be a positive number of contexts (or None: all), got {n_contexts}")
+    if not isinstance(tokens_or_texts, Tensor) and not 2 <= n_ctx <= model.cfg.n_ctx:
+        raise SteerscopeError(f"n_ctx must be from 2 to the model's context length {model.cfg.n_ctx}, got {n_ctx}")
     tokens = _as_tokens(model, tokens_or_texts, n_ctx)[:n_contexts]
+    if len(tokens) == 0:
+        raise SteerscopeError("no evaluation context: the text is shorter than one context of n_ctx tokens")
     stats = EvalStats(dictionary.cfg.d_sae)
     scores = ce_kl_scores(model, dictionary, tokens, site, target_site, ablation, batch_size, stats)
     res = {**stats.summary(dense_threshold), **scores, "dense_threshold": dense_threshold,

@@ -36,6 +36,7 @@ from steering.vectors import SteeringVector, prompt_tokens, site_width
 
 Mode = Literal["prompt", "generated", "all"]
 MODES = ("prompt", "generated", "all")
+MAX_ADDED = 1e8  # largest |coeff x vector| entry: squares of larger ones (LayerNorm variances) near fp32 overflow
 
 
 @dataclass
@@ -78,6 +79,9 @@ def check_vectors(model, vectors, mode: Mode = "all") -> list[SteeringVector]:
             raise SteerscopeError(f"{v!r} has dimension {v.d}, but {site} of this model has width {width}")
         if v.positional and mode == "generated":
             raise SteerscopeError("an ActAdd [T, d] vector steers the first T prompt positions; use mode='prompt' or 'all'")
+        if not bool(torch.isfinite(v.scaled()).all()) or float(v.scaled().abs().max()) > MAX_ADDED:
+            raise SteerscopeError(f"{v!r}: coeff x vector reaches {float(v.scaled().abs().max()):.3g}, beyond what the "
+                                  f"activations can hold without overflowing (limit {MAX_ADDED:g}); use a smaller coeff")
         if v.positional and v.tensor.shape[0] > model.cfg.n_ctx:
             raise SteerscopeError(f"{v!r} is longer than the model's context ({model.cfg.n_ctx})")
         out.append(v if site == v.site else SteeringVector(site, v.tensor, v.coeff, v.provenance))
@@ -224,6 +228,8 @@ def generate_tokens(model, prompts: str | Sequence[str], steer: Sequence[Steerin
         inp, inp_mask = tokens, mask
         for _ in range(max_new_tokens):
             logits = model(inp, attention_mask=inp_mask, past_kv_cache=cache)[:, -1].float()
+            if steer and not bool(torch.isfinite(logits).all()):
+                raise SteerscopeError("the steered activations overflowed (the logits are not finite); use a smaller coeff")
             nxt = sample(logits)
             if eos is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos), nxt)

@@ -276,6 +276,11 @@ def concept_comparison(model, dictionaries: dict[str, object], concepts: dict[st
     from probe.hooks import capture
     from probe.sites import resolve_one
 
+    bad = [t for t in kl_targets if not (isinstance(t, int | float) and math.isfinite(t) and t > 0)]
+    if bad or not kl_targets:
+        raise SteerscopeError(f"KL targets must be positive finite numbers of nats, got {list(kl_targets)}")
+    if min(n_select, n_prompts) < 1:
+        raise SteerscopeError(f"n_select and n_prompts must be >= 1, got {n_select} and {n_prompts}")
     check_disjoint(selection=select_texts, calibration=calib_texts, evaluation=eval_texts)
     ids, words = {}, {}
     for name, ws in concepts.items():

@@ -96,6 +96,9 @@ class SteeringVector:
         except (TypeError, ValueError) as e:
             raise SteerscopeError(f"provenance must be JSON-serialisable: {e}") from e
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise SteerscopeError(f"{path} is a file; a steering vector is saved as a directory (vector.json + "
+                                  "vector.safetensors): choose another path")
         path.mkdir(parents=True, exist_ok=True)
         save_file({"tensor": self.tensor.contiguous().cpu()}, str(path / "vector.safetensors"))
         (path / "vector.json").write_text(text)
@@ -277,8 +280,9 @@ def _prompt_tokens(model, prompt: str) -> Tensor:
     if not isinstance(prompt, str):
         raise SteerscopeError(f"a prompt must be a string, got {type(prompt).__name__}")
     toks = model.to_tokens(prompt, prepend_bos=True)[0].cpu()
-    if prompt == "" or len(toks) < 2:
-        raise SteerscopeError(f"empty prompt {prompt!r}: a prompt needs at least one token after BOS")
+    if not prompt.strip() or len(toks) < 2:
+        raise SteerscopeError(f"empty prompt {prompt!r}: a prompt needs at least one token after BOS, and not only "
+                              "whitespace")
     return toks
 
 

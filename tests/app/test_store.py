@@ -96,8 +96,18 @@ def test_one_flipped_byte_in_any_table_is_caught_when_the_store_opens(app_env, t
     file.write_bytes(bytes(data))
     with pytest.raises(StoreError, match=f"{table}.parquet is corrupted .*sha256"):
         FeatureStore.open(store)
-    file.write_bytes(bytes(data[:-10]))
-    with pytest.raises(StoreError, match="truncated or altered"):
+    file.write_bytes(bytes(data[:-10]))  # the footer goes: Parquet itself says so
+    with pytest.raises(StoreError, match=f"{table}.parquet is corrupt"):
+        FeatureStore.open(store)
+
+
+def test_a_table_of_another_size_is_caught(app_env, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(app_env["store"], store)
+    meta = json.loads((store / "meta.json").read_text())
+    meta["tables"]["features"]["bytes"] += 1
+    (store / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="features.parquet is truncated or altered"):
         FeatureStore.open(store)
 
 

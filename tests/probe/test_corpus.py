@@ -102,8 +102,14 @@ def test_hf_dataset_saved_to_disk(tmp_path):
         load_corpus(f"hf:{tmp_path / 'nt'}")
 
 
-def test_hf_hub_name_offline_is_a_steerscope_error():
-    with pytest.raises(SteerscopeError, match="cannot load dataset 'no-such-user/no-such-dataset' split 'train'"):
+def test_hf_hub_name_offline_is_one_line_at_once(monkeypatch):
+    import datasets
+
+    def no_hub(*a, **k):
+        raise AssertionError("the hub client was called (26 s of retries offline)")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    with pytest.raises(SteerscopeError, match="offline: .*hf:no-such-user/no-such-dataset .*give a save_to_disk directory"):
         load_corpus("hf:no-such-user/no-such-dataset")
 
 
