@@ -343,9 +343,9 @@ def _run_shards(model, tokens, names, spec, path, batch_size, rank, world, progr
         for i in todo:
             tensors = _forward_shard(model, tokens, spec, i, stop, acts, batch_size, bar)
             data = st_save(tensors, metadata={"spec": spec_hash(spec)})
-            atomic_write(path / shard_name(i), data)
             own[i] = file_entry(shard_name(i), data)
-            write_sidecar(path, own[i])
+            write_sidecar(path, own[i])  # first: a shard on disk always has its recorded checksum beside it
+            atomic_write(path / shard_name(i), data)
     return own
 
 
