@@ -77,7 +77,7 @@ def train_cmd(
     n_tokens: int = typer.Option(None, help="training tokens (default: one pass over the store)"),
     batch_size: int = typer.Option(None, help="global batch size (default 4096)"),
     lr: float = typer.Option(None, help="peak learning rate (default 2e-4 / sqrt(d_sae / 16384))"),
-    warmup_steps: int = typer.Option(None, help="linear warmup steps (default 100)"),
+    warmup_steps: int = typer.Option(None, help="linear warmup steps (default: 5% of the steps, at most 1000)"),
     decay: str = typer.Option(None, help="linear, cosine or none (default linear)"),
     seed: int = typer.Option(None, help="init and data-order seed (default 0)"),
     b_dec_init: str = typer.Option(None, help="mean, geometric_median or zeros (default mean)"),

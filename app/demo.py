@@ -75,8 +75,12 @@ def _train(store, path: Path, site: str, d_sae: int, k: int, model_name: str):
 
     if (path / "weights.safetensors").exists():
         return load_dictionary(path)
-    return train("topk", store, site=site, d_sae=d_sae, k=k, n_tokens=3 * len(store), lr=1e-3,
-                 out=path, model=model_name, log_every=2)
+    import warnings
+
+    with warnings.catch_warnings():  # the demo trains a deliberately short run (3 passes) and says so in the README
+        warnings.filterwarnings("ignore", message="this run takes only")
+        return train("topk", store, site=site, d_sae=d_sae, k=k, n_tokens=3 * len(store), lr=1e-3,
+                     out=path, model=model_name, log_every=2)
 
 
 def _evaluate(sae, model, path: Path, site: str) -> dict:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +42,14 @@ from probe.errors import SteerscopeError, suggest
 from saes import checkpoint as ckpt
 from saes.base import Dictionary, get_architecture
 from saes.metrics import fired, fvu, l0
+from saes.schedule import geometric_median, lr_at
 
 Decay = Literal["linear", "cosine", "none"]
 BDecInit = Literal["mean", "geometric_median", "zeros"]
 MIN_BATCHES_BEFORE_NONFINITE_CHECK = 20  # the bad-batch fraction is checked from this many batches on
+MIN_STEPS = 1000  # default runs over finite data repeat passes until they take this many steps...
+MAX_EPOCHS = 25  # ...but at most this many passes; shorter runs warn (planted features need ~1000 steps)
+WARMUP_FRAC, MAX_WARMUP = 0.05, 1000  # default warmup: 5% of the steps, at most 1000
 
 
 @dataclass
@@ -53,11 +58,12 @@ class TrainConfig:
 
     architecture: str  # registry name, e.g. "topk"
     d_sae: int  # number of latents
-    n_tokens: int | None = None  # tokens (rows) to train on; None: one pass over a tensor or a store
+    n_tokens: int | None = None  # rows to train on; None: whole passes over a tensor/store, enough for MIN_STEPS
+    #                              steps (at most MAX_EPOCHS passes); a run still under MIN_STEPS warns once
     lr: float | None = None  # peak Adam learning rate; None: 2e-4 / sqrt(d_sae / 16384) (sparsify's rule)
     k: int | None = None  # active latents per token (TopK-family architectures)
     batch_size: int = 4096  # global batch: rows per step over all DDP ranks
-    warmup_steps: int = 100  # linear warmup of the lr from 0 over this many steps
+    warmup_steps: int | None = None  # linear lr warmup steps; None: 5% of the run's steps, at most 1000
     decay: Decay = "linear"  # "linear": to min_lr_frac over the last decay_frac of tokens; "cosine": over the run
     decay_frac: float = 0.2  # linear decay: the final fraction of n_tokens over which the lr decays
     min_lr_frac: float = 0.0  # lr at the end of the decay, as a fraction of the peak lr
@@ -82,8 +88,12 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
                 raise SteerscopeError(f"{name} must be a positive integer, got {v!r}")
-        if self.warmup_steps < 0 or self.seed < 0 or (self.lr is not None and not self.lr > 0):
-            raise SteerscopeError("warmup_steps and seed must be >= 0 and lr > 0")
+        for name in ("warmup_steps", "seed"):
+            v = getattr(self, name)
+            if v is not None and v < 0:
+                raise SteerscopeError(f"{name} must be >= 0, got {v!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise SteerscopeError(f"lr must be > 0, got {self.lr!r}")
         if not (0 < self.decay_frac <= 1 and 0 <= self.min_lr_frac <= 1 and 0 <= self.max_nonfinite_frac <= 1):
             raise SteerscopeError("decay_frac must be in (0, 1]; min_lr_frac and max_nonfinite_frac in [0, 1]")
 
@@ -123,7 +133,7 @@ class RunOptions:
 
 def train(architecture: str, data: Any, *, site: str | None = None, target_site: str | None = None, d_sae: int,
           k: int | None = None, n_tokens: int | None = None, batch_size: int = 4096, lr: float | None = None,
-          warmup_steps: int = 100, decay: Decay = "linear", decay_frac: float = 0.2, min_lr_frac: float = 0.0,
+          warmup_steps: int | None = None, decay: Decay = "linear", decay_frac: float = 0.2, min_lr_frac: float = 0.0,
           betas: tuple[float, float] = (0.9, 0.999), grad_clip: float | None = None, seed: int = 0,
           b_dec_init: BDecInit = "mean", normalize_inputs: bool = True, scale_batches: int = 8,
           dead_tokens: int | None = None, max_nonfinite_frac: float = 0.05, out: str | Path | None = None,
@@ -143,31 +153,6 @@ def train(architecture: str, data: Any, *, site: str | None = None, target_site:
     run = RunOptions(out=out, checkpoint_every=checkpoint_every, resume=resume, device=device, progress=progress,
                      wandb=wandb, log_every=log_every)
     return Trainer(cfg, data, run).fit()
-
-
-# ---------------------------------------------------------------- schedule, init, dead latents
-def lr_at(cfg: TrainConfig, step: int, frac: float) -> float:
-    """lr for 0-based ``step`` with ``frac`` = tokens trained so far / n_tokens (warmup by steps, decay by tokens)."""
-    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-    frac = min(max(frac, 0.0), 1.0)
-    if cfg.decay == "linear":
-        start = 1.0 - cfg.decay_frac
-        decay = 1.0 if frac <= start else 1.0 - (1.0 - cfg.min_lr_frac) * (frac - start) / cfg.decay_frac
-    elif cfg.decay == "cosine":
-        decay = cfg.min_lr_frac + (1.0 - cfg.min_lr_frac) * 0.5 * (1.0 + math.cos(math.pi * frac))
-    else:
-        decay = 1.0
-    return cfg.lr * warm * decay
-
-
-def geometric_median(x: Tensor, n_iter: int = 20, eps: float = 1e-8) -> Tensor:
-    """Weiszfeld's iteration for argmin_y sum_i ||x_i - y||, started at the mean."""
-    x = x.double()
-    y = x.mean(0)
-    for _ in range(n_iter):
-        w = 1.0 / (x - y).norm(dim=1).clamp_min(eps)
-        y = (w[:, None] * x).sum(0) / w.sum()
-    return y.float()
 
 
 # ---------------------------------------------------------------- the loop
@@ -348,11 +333,22 @@ class Trainer:
 
 
 def _resolve(cfg: TrainConfig, source: Any) -> TrainConfig:
-    """Fill the data-dependent defaults: n_tokens, lr, dead_tokens."""
-    n = cfg.n_tokens or source.default_tokens
+    """Fill the data-dependent defaults: n_tokens (enough passes for MIN_STEPS steps, at most MAX_EPOCHS), the
+    warmup (WARMUP_FRAC of the steps, at most MAX_WARMUP), lr, dead_tokens. A run under MIN_STEPS warns once."""
+    n = cfg.n_tokens
+    if n is None and source.default_tokens is not None:
+        rows = source.default_tokens
+        n = rows * min(MAX_EPOCHS, max(1, math.ceil(MIN_STEPS * cfg.batch_size / max(rows, 1))))
     if n is None:
         raise SteerscopeError("n_tokens is needed when data is an iterator (the lr schedule decays over it)")
-    return dataclasses.replace(cfg, n_tokens=n, lr=cfg.lr or 2e-4 / math.sqrt(cfg.d_sae / 2**14),
+    steps = math.ceil(n / cfg.batch_size)
+    if steps < MIN_STEPS:
+        need = MIN_STEPS * cfg.batch_size
+        warnings.warn(f"this run takes only {steps} steps of {cfg.batch_size} rows; dictionaries usually need "
+                      f">= {MIN_STEPS}: pass n_tokens={need} (more passes over the data) or batch_size="
+                      f"{max(1, n // MIN_STEPS)}", UserWarning, stacklevel=4)
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(MAX_WARMUP, round(WARMUP_FRAC * steps))
+    return dataclasses.replace(cfg, n_tokens=n, warmup_steps=warmup, lr=cfg.lr or 2e-4 / math.sqrt(cfg.d_sae / 2**14),
                                dead_tokens=cfg.dead_tokens or max(1, min(1_000_000, n // 4)))
 
 
