@@ -367,8 +367,7 @@ def _forward_shard(model, tokens, spec, i, stop, acts, batch_size, bar) -> dict[
 
 
 def _shard_ok(path: Path, spec: dict, i: int) -> bool:
-    """Whether shard ``i`` already exists from an interrupted build of this very spec, with the size and sha256
-    its sidecar recorded when it was written (a shard damaged after a kill is re-made, not carried over)."""
+    """Whether shard ``i`` exists from an interrupted build of this spec, matching its sidecar's size and sha256."""
     file, entry = path / shard_name(i), read_sidecar(path, shard_name(i))
     if not file.exists() or entry is None:
         return False
@@ -397,5 +396,5 @@ def _finalize(path: Path, spec: dict, own: dict[int, dict]) -> None:
             raise SteerscopeError(f"{path / shard_name(i)} has no recorded checksum; rerun the same build to re-make it")
         shards.append({**entry, "rows": rows, "first_row": first})
     write_manifest(path, {**spec, "complete": True, "shards": shards})
-    for i in range(_n_shards(spec)):
-        sidecar(path, shard_name(i)).unlink(missing_ok=True)
+    for e in shards:  # the manifest holds their checksums now
+        sidecar(path, e["file"]).unlink(missing_ok=True)

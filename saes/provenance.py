@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from probe.errors import SteerscopeError
+from probe.store_files import atomic_write
 from saes.base import Dictionary, fingerprint, load_dictionary
 
 
@@ -68,8 +69,6 @@ def refresh(meta: dict[str, Any], dictionary: Dictionary, given: Path | None, st
     or another directory was given for the same weights."""
     have = resolve_dictionary_path(meta, store_dir)
     if have is None or (given is not None and have != Path(given).resolve()):
-        from saes.features import write_atomic
-
         meta = {**meta, **path_fields(dictionary_dir(dictionary, given, meta["fingerprint"], store_dir), store_dir)}
-        write_atomic(Path(store_dir) / "meta.json", json.dumps(meta, indent=2, default=str).encode())
+        atomic_write(Path(store_dir) / "meta.json", json.dumps(meta, indent=2, default=str).encode())
     return meta
