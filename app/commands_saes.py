@@ -17,8 +17,8 @@ from probe.errors import SteerscopeError
 # train() arguments a config file may set (besides "store"); flags override the file.
 TRAIN_KEYS = ("architecture", "site", "target_site", "d_sae", "k", "n_tokens", "batch_size", "lr", "warmup_steps",
               "decay", "decay_frac", "min_lr_frac", "betas", "grad_clip", "seed", "b_dec_init", "normalize_inputs",
-              "scale_batches", "dead_tokens", "max_nonfinite_frac", "out", "checkpoint_every", "resume", "device",
-              "progress", "wandb", "log_every")
+              "scale_batches", "dead_tokens", "max_nonfinite_frac", "out", "checkpoint_every", "checkpoint_minutes",
+              "resume", "overwrite", "verify_data", "device", "progress", "wandb", "log_every")
 
 
 def register(app: typer.Typer) -> None:
@@ -84,8 +84,13 @@ def train_cmd(
     normalize_inputs: bool = typer.Option(None, "--normalize-inputs/--no-normalize-inputs", help="scale inputs (default on)"),
     dead_tokens: int = typer.Option(None, help="tokens without firing before a latent counts as dead"),
     out: Path = typer.Option(None, help="output directory of the dictionary"),
-    checkpoint_every: int = typer.Option(None, help="steps between checkpoints (in OUT/checkpoints)"),
+    checkpoint_every: int = typer.Option(None, help="steps between checkpoints (in OUT/checkpoints; default: by time)"),
+    checkpoint_minutes: float = typer.Option(None, help="wall-clock minutes between checkpoints (default 10)"),
     resume: bool = typer.Option(None, "--resume/--no-resume", help="continue the run in OUT from its newest checkpoint"),
+    overwrite: bool = typer.Option(None, "--overwrite/--no-overwrite", help="replace a dictionary already in OUT "
+                                   "(its eval.json and feature stores in OUT are removed)"),
+    verify_data: bool = typer.Option(None, "--verify-data/--no-verify-data", help="check every shard's sha256 "
+                                     "before the first step (default on)"),
     device: str = typer.Option(None, help="cpu or cuda (default cpu)"),
     progress: bool = typer.Option(None, "--progress/--no-progress", help="show a progress bar (default on)"),
     wandb: bool = typer.Option(None, "--wandb/--no-wandb", help="log to Weights & Biases (default off)"),
@@ -98,7 +103,8 @@ def train_cmd(
     flags = dict(architecture=architecture, site=site, target_site=target_site, d_sae=d_sae, k=k, n_tokens=n_tokens,
                  batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, decay=decay, seed=seed, b_dec_init=b_dec_init,
                  normalize_inputs=normalize_inputs, dead_tokens=dead_tokens, out=out, checkpoint_every=checkpoint_every,
-                 resume=resume, device=device, progress=progress, wandb=wandb)
+                 checkpoint_minutes=checkpoint_minutes, resume=resume, overwrite=overwrite, verify_data=verify_data,
+                 device=device, progress=progress, wandb=wandb)
     kwargs = read_config(config) if config is not None else {}
     store_path = store if store is not None else kwargs.pop("store", None)
     kwargs.pop("store", None)

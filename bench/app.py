@@ -10,6 +10,8 @@
 3. Page: the dashboard's Feature page under Streamlit's AppTest, one full rerun per feature id (the
    entry script, the queries, the plotly figures and the token HTML; AppTest's own protobuf handling
    is included, a browser's drawing is not). p50/p95 over ``--pages`` random features, after a warm-up.
+4. Load: the store served by ``steerscope app`` to ``--sessions`` concurrent chromium sessions (feature
+   pages and searches at once, :mod:`bench.app_load`); p50/p95 page time in the browser and the errors.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=40, help="feature pages to time")
     ap.add_argument("--store", type=Path, default=None, help="time an existing store; skip the build")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--sessions", type=int, default=8, help="concurrent browser sessions (0: skip the load test)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,6 +133,14 @@ def main() -> None:
         p95 = p(pages, .95) * 1e3
         print(f"feature page render (AppTest rerun, {len(ids)} features of {n:,}): p50 {p(pages, .5) * 1e3:.0f} ms, "
               f"p95 {p95:.0f} ms (goal <= 300 ms: {'met' if p95 <= 300 else 'NOT met'})")
+        if args.sessions:
+            from bench.app_load import load, serve_app
+
+            with serve_app(Path(store), Path(tmp) / "app.log") as url:
+                res = load(url, n, args.sessions, pages=6)
+            print(f"{args.sessions} concurrent browser sessions (chromium, feature pages + searches): {res.summary()}")
+            for e in res.errors[:5]:
+                print("  error:", e)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 The lock is ``fcntl.flock`` on ``DIR/.lock``: the operating system releases it when the holder exits,
 however it dies (kill -9 included), so a stale lock never blocks a later run. The file keeps the
 holder's pid and what it is doing, for the refusal message, and is removed when the holder finishes
-(a killed holder leaves it behind, unlocked and harmless). Known gap: a process that opened the file
+(a killed holder leaves it behind, unlocked and harmless), with the directory itself when the lock made it
+and nothing else was written there. Known gap: a process that opened the file
 just before the holder removed it may lock the removed file while a newcomer locks a new one.
 """
 
@@ -27,6 +28,7 @@ def dir_lock(path: str | Path, what: str) -> Iterator[None]:
     """Hold the lock of directory ``path`` (created if needed) while ``what`` (e.g. "cache build") runs; a
     second holder gets a SteerscopeError naming the first one."""
     path = Path(path)
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         f = open(path / LOCK, "a+")  # noqa: SIM115 - held open for the lock's lifetime
@@ -52,4 +54,7 @@ def dir_lock(path: str | Path, what: str) -> Iterator[None]:
         if f.tell():  # we hold it (we wrote our record): remove the file so the directory stays tidy, then release
             with contextlib.suppress(OSError):
                 os.unlink(path / LOCK)
+            if created:  # a run that failed before writing anything leaves no empty directory behind
+                with contextlib.suppress(OSError):
+                    path.rmdir()
         f.close()  # closing releases the lock

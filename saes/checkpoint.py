@@ -332,7 +332,12 @@ def latest(directory: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]] | 
     """The newest complete checkpoint in ``directory`` as (tensors, meta), or None if there is none."""
     directory = Path(directory)
     for json_path in sorted(directory.glob("step-*.json"), reverse=True):
-        meta = json.loads(json_path.read_text())
+        try:
+            meta = json.loads(json_path.read_text())
+            meta["tensors_file"], meta["sha256"]  # noqa: B018 - both needed below
+        except (ValueError, KeyError, TypeError) as e:
+            raise SteerscopeError(f"checkpoint {json_path} is damaged ({type(e).__name__}); delete {directory} to "
+                                  "start over") from None
         blob_path = directory / meta["tensors_file"]
         if not blob_path.exists():
             continue

@@ -16,8 +16,11 @@ dead once it has not fired for ``dead_tokens`` tokens.
 **Input scaling.** ``s = sqrt(d_in) / mean ||x||`` over the first ``scale_batches`` batches; training
 sees ``x*s`` (and ``target*s``); ``fold_input_scale(s)`` at the end, so the result takes raw activations.
 
-**Checkpoints** every ``checkpoint_every`` steps in ``out/checkpoints`` (:mod:`saes.checkpoint`);
-``resume=True`` continues the newest, bit-identical on CPU; deleted once the dictionary is saved.
+**Checkpoints** in ``out/checkpoints`` (:mod:`saes.checkpoint`) every ``checkpoint_minutes`` of wall time
+(default 10) and/or every ``checkpoint_every`` steps; ``resume=True`` continues the newest, bit-identical
+on CPU; deleted once the dictionary is saved. **The out directory** is locked for the run and a finished
+dictionary there is refused unless ``overwrite=True`` (:mod:`saes.run_dir`). **A store's shards** are all
+checked against their sha256 before the first step (``verify_data``), so damage never surfaces mid-run.
 
 **DDP.** Under ``torchrun`` (or an initialised process group) every rank reads the same global batch,
 trains on its slice, gradients are all-reduced, and rank 0 writes checkpoints and the result.
@@ -28,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,17 +41,16 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from probe.errors import SteerscopeError, suggest
+from probe.locks import dir_lock
 from saes import checkpoint as ckpt
 from saes.base import Dictionary, get_architecture
 from saes.metrics import fired, fvu, l0
-from saes.schedule import geometric_median, lr_at
+from saes.run_dir import check_out, clear_old, open_wandb, same_config
+from saes.schedule import geometric_median, lr_at, resolve_defaults
 
 Decay = Literal["linear", "cosine", "none"]
 BDecInit = Literal["mean", "geometric_median", "zeros"]
 MIN_BATCHES_BEFORE_NONFINITE_CHECK = 20  # the bad-batch fraction is checked from this many batches on
-MIN_STEPS = 1000  # default runs over finite data repeat passes until they take this many steps...
-MAX_EPOCHS = 25  # ...but at most this many passes; shorter runs warn (planted features need ~1000 steps)
-WARMUP_FRAC, MAX_WARMUP = 0.05, 1000  # default warmup: 5% of the steps, at most 1000
 
 
 @dataclass
@@ -119,7 +120,10 @@ class RunOptions:
     """Where and how a run executes; none of this changes the weights."""
 
     out: str | Path | None = None  # directory of the final dictionary (and of checkpoints)
-    checkpoint_every: int | None = None  # steps between checkpoints; None: none
+    checkpoint_every: int | None = None  # steps between checkpoints; None: by wall time only
+    checkpoint_minutes: float | None = 10.0  # wall time between checkpoints (with out=); None: by steps only
+    overwrite: bool = False  # replace a finished dictionary in out (and remove its eval.json / feature stores)
+    verify_data: bool = True  # check every shard of an ActivationStore's sha256 before training
     resume: bool = False  # continue from the newest checkpoint in out/checkpoints (fresh start if none)
     device: str = "cpu"
     progress: bool = True  # tqdm bar with live L0 / FVU / dead fraction
@@ -128,7 +132,10 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         if self.log_every < 1 or (self.checkpoint_every is not None and self.checkpoint_every < 1):
-            raise SteerscopeError("log_every and checkpoint_every must be positive step counts")
+            raise SteerscopeError(f"log_every and checkpoint_every must be positive step counts (got log_every="
+                                  f"{self.log_every}, checkpoint_every={self.checkpoint_every})")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes >= 0:
+            raise SteerscopeError(f"checkpoint_minutes must be >= 0 (got {self.checkpoint_minutes})")
 
 
 def train(architecture: str, data: Any, *, site: str | None = None, target_site: str | None = None, d_sae: int,
@@ -137,7 +144,8 @@ def train(architecture: str, data: Any, *, site: str | None = None, target_site:
           betas: tuple[float, float] = (0.9, 0.999), grad_clip: float | None = None, seed: int = 0,
           b_dec_init: BDecInit = "mean", normalize_inputs: bool = True, scale_batches: int = 8,
           dead_tokens: int | None = None, max_nonfinite_frac: float = 0.05, out: str | Path | None = None,
-          checkpoint_every: int | None = None, resume: bool = False, device: str = "cpu", progress: bool = True,
+          checkpoint_every: int | None = None, checkpoint_minutes: float | None = 10.0, resume: bool = False,
+          overwrite: bool = False, verify_data: bool = True, device: str = "cpu", progress: bool = True,
           wandb: bool = False, log_every: int = 10, **arch_kwargs: Any) -> Dictionary:
     """Train a dictionary of ``architecture`` on ``data``; returns it (input scale folded in, eval mode).
 
@@ -150,8 +158,9 @@ def train(architecture: str, data: Any, *, site: str | None = None, target_site:
                       betas=tuple(betas), grad_clip=grad_clip, seed=seed, b_dec_init=b_dec_init,
                       normalize_inputs=normalize_inputs, scale_batches=scale_batches, dead_tokens=dead_tokens,
                       max_nonfinite_frac=max_nonfinite_frac, site=site, target_site=target_site, arch_kwargs=arch_kwargs)
-    run = RunOptions(out=out, checkpoint_every=checkpoint_every, resume=resume, device=device, progress=progress,
-                     wandb=wandb, log_every=log_every)
+    run = RunOptions(out=out, checkpoint_every=checkpoint_every, checkpoint_minutes=checkpoint_minutes, resume=resume,
+                     overwrite=overwrite, verify_data=verify_data, device=device, progress=progress, wandb=wandb,
+                     log_every=log_every)
     return Trainer(cfg, data, run).fit()
 
 
@@ -163,7 +172,11 @@ class Trainer:
         self.run, self.dist = run, ckpt.DataParallel(run.device)
         self.device = self.dist.device
         self.source = ckpt.make_source(data, cfg.site, cfg.target_site, cfg.batch_size, cfg.seed)
-        self.cfg = cfg = _resolve(cfg, self.source)
+        if run.out is not None:
+            check_out(Path(run.out), overwrite=run.overwrite, resume=run.resume)
+        if run.verify_data and callable(getattr(getattr(self.source, "store", None), "verify", None)):
+            self.source.store.verify()  # every shard's sha256 now, not 72 % into the run
+        self.cfg = cfg = resolve_defaults(cfg, self.source)
         cls = get_architecture(cfg.architecture)
         _check_capabilities(cls, cfg, self.source)
         d_in, d_out = self.source.dims()
@@ -175,13 +188,22 @@ class Trainer:
         self._last: tuple[Tensor, Any, Tensor] | None = None
 
     def fit(self) -> Dictionary:
-        t0 = time.time()
+        if self.run.out is None or self.dist.rank != 0:
+            return self._fit()
+        with dir_lock(self.run.out, "train"):
+            check_out(Path(self.run.out), overwrite=self.run.overwrite, resume=self.run.resume)  # again, locked
+            if self.run.overwrite:
+                clear_old(Path(self.run.out), resume=self.run.resume)
+            return self._fit()
+
+    def _fit(self) -> Dictionary:
+        t0 = self._last_ckpt = time.time()
         if not self._resume():
             self._init_from_data()
         self.model.train()
         bar = tqdm(total=self.cfg.n_tokens, initial=self.st.tokens, unit="tok", unit_scale=True, mininterval=0.5,
                    desc=f"train {self.cfg.architecture}", disable=not self.run.progress or self.dist.rank != 0)
-        wb = _wandb(self.cfg) if self.run.wandb and self.dist.rank == 0 else None
+        wb = open_wandb(self.cfg) if self.run.wandb and self.dist.rank == 0 else None
         try:
             if self.st.tokens < self.cfg.n_tokens:
                 self._loop(bar, wb, t0)
@@ -207,8 +229,9 @@ class Trainer:
             bar.update(len(batch["x"]))
             if self.st.step % self.run.log_every == 0:
                 self._log(bar, wb)
-            if self.run.checkpoint_every and self.st.step % self.run.checkpoint_every == 0:
+            if self._checkpoint_due():
                 self._checkpoint(time.time() - t0)
+                self._last_ckpt = time.time()
             if self.st.tokens >= self.cfg.n_tokens:
                 break
 
@@ -285,6 +308,16 @@ class Trainer:
         if wb is not None:
             wb.log(m, step=self.st.step)
 
+    def _checkpoint_due(self) -> bool:
+        run = self.run
+        if self.ckpt_dir is None:
+            return False
+        due = bool(run.checkpoint_every) and self.st.step % run.checkpoint_every == 0
+        if run.checkpoint_minutes is not None and not due:
+            late = time.time() - self._last_ckpt >= 60 * run.checkpoint_minutes
+            due = bool(self.dist.any_rank(torch.tensor([late], device=self.device))[0])  # rank clocks differ
+        return due
+
     def _checkpoint(self, wall: float) -> None:
         if self.dist.rank == 0:
             opt_tensors, opt_meta = ckpt.optimizer_state(self.opt)
@@ -308,7 +341,7 @@ class Trainer:
             raise SteerscopeError(f"{self.ckpt_dir} holds checkpoints of an unfinished run: pass resume=True "
                                   "(--resume) to continue it, or choose another out directory")
         tensors, meta = ckpt.latest(self.ckpt_dir)
-        _same_config(meta["config"], self.cfg.to_dict(), self.ckpt_dir)
+        same_config(meta["config"], self.cfg.to_dict(), self.ckpt_dir)
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
         ckpt.load_optimizer_state(self.opt, tensors, meta["optimizer"])
         ckpt.set_rng_state(tensors)
@@ -330,26 +363,6 @@ class Trainer:
         self.dist.barrier()
         self.dist.close()
         return model
-
-
-def _resolve(cfg: TrainConfig, source: Any) -> TrainConfig:
-    """Fill the data-dependent defaults: n_tokens (enough passes for MIN_STEPS steps, at most MAX_EPOCHS), the
-    warmup (WARMUP_FRAC of the steps, at most MAX_WARMUP), lr, dead_tokens. A run under MIN_STEPS warns once."""
-    n = cfg.n_tokens
-    if n is None and source.default_tokens is not None:
-        rows = source.default_tokens
-        n = rows * min(MAX_EPOCHS, max(1, math.ceil(MIN_STEPS * cfg.batch_size / max(rows, 1))))
-    if n is None:
-        raise SteerscopeError("n_tokens is needed when data is an iterator (the lr schedule decays over it)")
-    steps = math.ceil(n / cfg.batch_size)
-    if steps < MIN_STEPS:
-        need = MIN_STEPS * cfg.batch_size
-        warnings.warn(f"this run takes only {steps} steps of {cfg.batch_size} rows; dictionaries usually need "
-                      f">= {MIN_STEPS}: pass n_tokens={need} (more passes over the data) or batch_size="
-                      f"{max(1, n // MIN_STEPS)}", UserWarning, stacklevel=4)
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(MAX_WARMUP, round(WARMUP_FRAC * steps))
-    return dataclasses.replace(cfg, n_tokens=n, warmup_steps=warmup, lr=cfg.lr or 2e-4 / math.sqrt(cfg.d_sae / 2**14),
-                               dead_tokens=cfg.dead_tokens or max(1, min(1_000_000, n // 4)))
 
 
 def _check_capabilities(cls: type[Dictionary], cfg: TrainConfig, source: Any) -> None:
@@ -381,18 +394,3 @@ def _build(cls: type[Dictionary], cfg: TrainConfig, d_in: int, d_out: int | None
     kw.setdefault("target_site", cfg.target_site)
     torch.manual_seed(cfg.seed)
     return cls(cls.Config(d_in=d_in, d_sae=cfg.d_sae, d_out=d_out, **kw))
-
-
-def _same_config(saved: dict[str, Any], now: dict[str, Any], where: Path) -> None:
-    diff = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    if diff:
-        raise SteerscopeError(f"cannot resume from {where}: the training config changed ({'; '.join(diff)}); "
-                              "rerun with the saved settings or use a new out directory")
-
-
-def _wandb(cfg: TrainConfig) -> Any:
-    try:
-        import wandb
-        return wandb.init(project="steerscope", config=cfg.to_dict())
-    except ImportError as e:
-        raise SteerscopeError("wandb=True needs the wandb package (pip install wandb)") from e

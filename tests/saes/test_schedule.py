@@ -7,8 +7,10 @@ import warnings
 import pytest
 import torch
 
+from saes.schedule import MAX_EPOCHS, MAX_WARMUP, MIN_STEPS
+from saes.schedule import resolve_defaults as _resolve
 from saes.synthetic import mean_max_cosine, superposition
-from saes.train import MAX_EPOCHS, MAX_WARMUP, MIN_STEPS, TrainConfig, _resolve, lr_at, train
+from saes.train import TrainConfig, lr_at, train
 
 
 class Finite:
