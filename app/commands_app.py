@@ -78,7 +78,7 @@ def app_cmd(
     from app.store import FeatureStore
 
     FeatureStore.open(store)  # fail here, in one line, rather than in the browser
-    args = [sys.executable, "-m", "streamlit", "run", str(DASHBOARD), "--server.headless", "true",
+    args = [sys.executable, "-m", "app.serve", "run", str(DASHBOARD), "--server.headless", "true",
             "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
             "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal", "--theme.primaryColor", "#ea580c",
             "--"]

@@ -3,9 +3,12 @@
 
     python -m bench.app_load --store runs/demo/features --sessions 8 --pages 6
 
-Each visit counts from ``goto`` (or the search submit) until the app is connected, its script has stopped
-and no placeholder is left; a visit is an error when the page shows a Streamlit exception, the expected
-heading is missing, or the wait times out. Prints p50/p95 page time and the error count; ``bench.app``
+Each session opens the app once (the cold load: the browser fetches and starts the Streamlit frontend and
+a new server session begins; timed apart), then works inside it as a user does: a feature page is a new
+id typed into the Feature page's id box, a search is the Search page picked in the sidebar and a text
+submitted. A visit counts from that action until the app is connected, its script has stopped and no
+placeholder is left; it is an error when the page shows a Streamlit exception, the expected heading or
+tokens are missing, or the wait times out. Prints p50/p95 page time and the error count; ``bench.app``
 runs it too (``--sessions``). Debian's chromium, never a downloaded browser.
 """
 
@@ -16,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import random
+import re
 import signal
 import socket
 import statistics
@@ -41,17 +45,22 @@ SETTLED = ("() => { const a = document.querySelector(\"[data-testid='stApp']\");
 @dataclass
 class LoadResult:
     times: list[float] = field(default_factory=list)  # seconds per visit that succeeded
+    kinds: list[str] = field(default_factory=list)  # "feature" or "search", per entry of times
     errors: list[str] = field(default_factory=list)  # one line per failed visit
+    cold: list[float] = field(default_factory=list)  # seconds of each session's first load
 
-    def quantile(self, q: float) -> float:
-        t = sorted(self.times)
+    def quantile(self, q: float, kind: str | None = None) -> float:
+        t = sorted(x for x, k in zip(self.times, self.kinds, strict=True) if kind in (None, k))
         return statistics.quantiles(t, n=100, method="inclusive")[round(q * 100) - 1] if len(t) > 1 else t[0]
 
     def summary(self) -> str:
         if not self.times:
             return f"no visit succeeded; {len(self.errors)} errors (first: {self.errors[:1]})"
-        return (f"{len(self.times) + len(self.errors)} visits: p50 {self.quantile(.5) * 1e3:.0f} ms, "
-                f"p95 {self.quantile(.95) * 1e3:.0f} ms, {len(self.errors)} errors")
+        per_kind = "; ".join(f"{k} p50 {self.quantile(.5, k) * 1e3:.0f} ms p95 {self.quantile(.95, k) * 1e3:.0f} ms"
+                             for k in sorted(set(self.kinds)))
+        cold = f"cold load p50 {statistics.median(self.cold) * 1e3:.0f} ms; " if self.cold else ""
+        return (f"{cold}{len(self.times) + len(self.errors)} visits: p50 {self.quantile(.5) * 1e3:.0f} ms, "
+                f"p95 {self.quantile(.95) * 1e3:.0f} ms, {len(self.errors)} errors ({per_kind})")
 
 
 def free_port() -> int:
@@ -94,20 +103,33 @@ def plan(n_features: int, sessions: int, pages: int, seed: int = 0) -> list[list
              for j in range(pages)] for s in range(sessions)]
 
 
-async def _visit(page, url: str, kind: str, arg, timeout_ms: float) -> float:
+async def _settle(page, timeout_ms: float) -> None:
+    await page.wait_for_timeout(100)  # the script starts a moment after the action
+    await page.wait_for_function(SETTLED, timeout=timeout_ms)
+
+
+async def _visit(page, kind: str, arg, timeout_ms: float) -> float:
     t0 = time.perf_counter()
     if kind == "feature":
-        await page.goto(f"{url}/feature?feature={arg}")
-        await page.wait_for_function(SETTLED, timeout=timeout_ms)
+        if not await page.locator(".st-key-feature_id input").count():
+            await page.get_by_test_id("stSidebarNavLink").filter(has_text="Feature").click()
+            await _settle(page, timeout_ms)
+        box = page.locator(".st-key-feature_id input")
+        await box.fill(str(arg))
+        await box.press("Enter")
         heading = page.get_by_role("heading", name=f"Feature {arg}", exact=True)
+        await heading.wait_for(timeout=timeout_ms)  # the new page, not the one before the action
+        await _settle(page, timeout_ms)
     else:
-        await page.goto(f"{url}/search")
-        await page.wait_for_function(SETTLED, timeout=timeout_ms)
+        await page.get_by_test_id("stSidebarNavLink").filter(has_text="Search").click()
+        await _settle(page, timeout_ms)
         box = page.locator(".st-key-search_text textarea")
         await box.fill(arg)
         await box.press("Control+Enter")
-        await page.wait_for_timeout(100)
-        await page.wait_for_function(SETTLED, timeout=timeout_ms)
+        await page.wait_for_function("(w) => { const t = document.querySelector('div.ss-text');"
+                                     " return t && t.innerText.replace(/[\\s\"]/g, '').includes(w); }",
+                                     arg=re.sub(r'[\s"]', "", arg)[:12], timeout=timeout_ms)
+        await _settle(page, timeout_ms)
         heading = page.locator("div.ss-text span.ss-tok").first
     elapsed = time.perf_counter() - t0
     if await page.get_by_test_id("stException").count():
@@ -121,9 +143,14 @@ async def _session(browser, url: str, visits, result: LoadResult, timeout_ms: fl
     ctx = await browser.new_context(viewport={"width": 1280, "height": 900})
     page = await ctx.new_page()
     try:
+        t0 = time.perf_counter()
+        await page.goto(f"{url}/feature?feature=0")
+        await page.wait_for_function(SETTLED, timeout=timeout_ms)
+        result.cold.append(time.perf_counter() - t0)
         for kind, arg in visits:
             try:
-                result.times.append(await _visit(page, url, kind, arg, timeout_ms))
+                result.times.append(await _visit(page, kind, arg, timeout_ms))
+                result.kinds.append(kind)
             except Exception as e:  # noqa: BLE001 - every failure is counted and reported, none stops the others
                 result.errors.append(f"{kind} {arg!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     finally:
