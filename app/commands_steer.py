@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
 
 def steer_cmd(
     prompt: str = typer.Argument(..., help="the prompt to continue"),
-    model: str = typer.Option("austen-dense", help="zoo name, TL name or local HF dir"),
+    model: str = typer.Option("austen-dense", help="zoo name, smollm2-135m-instruct, a .gguf file, TL name or local HF dir"),
+    chat: bool = typer.Option(False, "--chat", help="send PROMPT as a user message through the model's chat template"),
     add: str = typer.Option(None, help="ActAdd: the prompt whose activations are added (e.g. 'Love')"),
     sub: str = typer.Option(None, help="ActAdd: the prompt whose activations are subtracted (e.g. 'Hate')"),
     layer: int = typer.Option(1, help="ActAdd: block whose hook_resid_pre is steered"),
@@ -53,10 +54,12 @@ def steer_cmd(
     if save is not None:
         v.save(save)
     if sweep is not None:
+        if chat:
+            raise SteerscopeError("--chat applies to a single continuation; --sweep scores plain prompts")
         chosen = (_lines(prompts) if prompts is not None else [prompt]) + _openings(openings)
         _sweep(m, v, sweep, words, chosen, samples, max_new_tokens, seed, plot)
         return
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=0.8, seed=seed)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=0.8, seed=seed, chat=chat)
     base = generate(m, prompt, **kw)
     steered = generate(m, prompt, steer=[v], mode=mode, **kw)
     typer.echo(f"{v!r}\n\nprompt   : {prompt}\nbaseline : {base}\nsteered  : {steered}")
@@ -139,7 +142,8 @@ def _sweep(m, v, sweep: str, words: str | None, prompts: list[str], samples: int
 def compare_cmd(
     dictionary: list[Path] = typer.Argument(..., help="saved dictionaries (e.g. an SAE and an SNMF) whose best "
                                                       "feature per concept is compared with diff-in-means"),
-    model: str = typer.Option("austen-dense", help="zoo name, TL name or local HF dir"),
+    model: str = typer.Option("austen-dense", help="zoo name, smollm2-135m-instruct, a .gguf file, TL name or local HF dir"),
+    chat: bool = typer.Option(False, "--chat", help="send PROMPT as a user message through the model's chat template"),
     concept: list[str] = typer.Option(None, help="'name: word word ...' (repeatable); default: six Austen concepts"),
     dim_site: str = typer.Option(None, help="site of the diff-in-means vector (default: the first dictionary's "
                                             "decoder site)"),

@@ -29,7 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
-from probe.corpus import load_corpus, pack
+from probe.corpus import load_corpus
 from probe.errors import SteerscopeError, suggest
 from probe.hooks import capture
 from probe.locks import dir_lock
@@ -51,6 +51,7 @@ from probe.store_files import (
     write_manifest,
     write_sidecar,
 )
+from probe.tokens import context_start_id, has_bos, pack_texts
 
 FORMAT = "steerscope-activations"
 VERSION = 1
@@ -220,24 +221,16 @@ def _contexts(model, corpus: Corpus, n_ctx: int | None, include_bos: bool) -> to
         tok = model.tokenizer
         if tok is None or not getattr(tok, "is_fast", False):
             raise SteerscopeError("the model has no fast (tokenizers-backed) tokenizer; pass token ids as a LongTensor")
-        bos, eos = _special_ids(tok)
-        tokens = pack(tok.backend_tokenizer, texts, n_ctx or model.cfg.n_ctx, bos_id=bos, eos_id=eos)
+        tokens = pack_texts(model, texts, n_ctx or model.cfg.n_ctx)
     if tokens.shape[0] == 0:
         raise SteerscopeError("corpus is empty: no contexts")
     if tokens.shape[1] > model.cfg.n_ctx or tokens.shape[1] < (1 if include_bos else 2):
         raise SteerscopeError(f"contexts of {tokens.shape[1]} tokens do not fit this model (n_ctx {model.cfg.n_ctx})")
-    bos = getattr(model.tokenizer, "bos_token_id", None)
-    if not include_bos and bos is not None and not bool((tokens[:, 0] == bos).all()):
-        raise SteerscopeError(f"every context must start with BOS (id {bos}) to exclude it; prepend it or pass include_bos=True")
+    start = context_start_id(model.tokenizer, has_bos(model)) if model.tokenizer is not None else None
+    if not include_bos and start is not None and not bool((tokens[:, 0] == start).all()):
+        raise SteerscopeError(f"every context must start with the same first token (id {start}, see probe.tokens) to "
+                              "exclude it; prepend it or pass include_bos=True")
     return tokens
-
-
-def _special_ids(tok) -> tuple[int, int]:
-    """BOS and EOS ids; a tokenizer with only one of them (GPT-2: both are <|endoftext|>) uses it for both."""
-    bos, eos = tok.bos_token_id, tok.eos_token_id
-    if bos is None and eos is None:
-        raise SteerscopeError("the tokenizer has neither a BOS nor an EOS token; pass token ids as a LongTensor")
-    return (eos if bos is None else bos), (bos if eos is None else eos)
 
 
 def _per_ctx(spec: dict) -> int:

@@ -148,14 +148,12 @@ def _contexts(model, data, n_ctx: int | None) -> torch.Tensor:
         if data.ndim != 2 or data.is_floating_point() or data.shape[1] < 2:
             raise SteerscopeError(f"token ids must be an integer tensor [n_contexts, n_ctx >= 2], got {tuple(data.shape)}")
         return data.long().cpu()
-    from probe.corpus import load_corpus, pack
+    from probe.corpus import load_corpus
+    from probe.tokens import pack_texts
     if model.tokenizer is None:
         raise SteerscopeError("this model has no tokenizer: pass token ids [n_contexts, n_ctx] or an ActivationStore")
-    tok = getattr(model.tokenizer, "backend_tokenizer", model.tokenizer)
-    ids = [tok.token_to_id(t) for t in ("<|bos|>", "<|eos|>")]
-    bos, eos = ids if None not in ids else (model.tokenizer.bos_token_id, model.tokenizer.eos_token_id)  # GPT-2 style
     texts = load_corpus(data, "train") if isinstance(data, str) else list(data)
-    return pack(tok, texts, n_ctx or min(model.cfg.n_ctx, 128), bos_id=bos, eos_id=eos)
+    return pack_texts(model, texts, n_ctx or min(model.cfg.n_ctx, 128))
 
 
 def _source(model, data, site: str, n_tokens: int | None, n_ctx: int | None, batch_contexts: int):

@@ -276,14 +276,8 @@ def evaluate(dictionary, model, tokens_or_texts: Tensor | list[str] | str, site:
 def _as_tokens(model, data: Tensor | list[str] | str, n_ctx: int) -> Tensor:
     if isinstance(data, Tensor):
         return _check_tokens(data)
-    from probe.corpus import pack
+    from probe.tokens import pack_texts
 
     if model.tokenizer is None:
         raise SteerscopeError("this model has no tokenizer: pass token ids [n_contexts, n_ctx] instead of texts")
-    texts = [data] if isinstance(data, str) else list(data)
-    tok = model.tokenizer
-    backend = getattr(tok, "backend_tokenizer", tok)
-    bos, eos = backend.token_to_id("<|bos|>"), backend.token_to_id("<|eos|>")
-    if bos is None or eos is None:  # another tokenizer family (e.g. GPT-2: BOS = EOS = <|endoftext|>)
-        bos, eos = tok.bos_token_id, tok.eos_token_id
-    return pack(tok, texts, n_ctx, bos_id=bos, eos_id=eos)
+    return pack_texts(model, [data] if isinstance(data, str) else list(data), n_ctx)

@@ -32,7 +32,8 @@ from torch import Tensor
 from probe.errors import SteerscopeError
 from probe.hooks import hooks
 from probe.sites import resolve_one
-from steering.vectors import SteeringVector, prompt_tokens, site_width
+from probe.tokens import encode_prompts, pad, real_mask
+from steering.vectors import SteeringVector, site_width
 
 Mode = Literal["prompt", "generated", "all"]
 MODES = ("prompt", "generated", "all")
@@ -176,45 +177,42 @@ def _check_actadd_fits(lengths: list[int], real_lens: Tensor) -> None:
 
 # --- generation --------------------------------------------------------------------------------
 
-def left_pad(model, prompts) -> tuple[Tensor, Tensor, Tensor]:
-    """Tokenize with BOS and left-pad: tokens [B, P], attention mask [B, P], pad_left [B]."""
-    toks = prompt_tokens(model, prompts)
-    P = max(len(t) for t in toks)
-    tok = model.tokenizer
-    pad_id = next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
-    tokens = torch.full((len(toks), P), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(toks), P, dtype=torch.long)
-    for r, t in enumerate(toks):
-        tokens[r, P - len(t):], mask[r, P - len(t):] = t, 1
-    pad_left = P - mask.sum(1)
+def left_pad(model, prompts, chat: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Tokenize (the model's convention, or its chat template with ``chat``; :mod:`probe.tokens`) and left-pad:
+    tokens [B, P], attention mask [B, P], pad_left [B]."""
+    tokens, lengths = pad(model, encode_prompts(model, prompts, chat), "left")
     dev = model.cfg.device
-    return tokens.to(dev), mask.to(dev), pad_left.to(dev)
+    return tokens, real_mask(lengths, tokens.shape[1], "left").to(dev), (tokens.shape[1] - lengths).to(dev)
 
 
 def generate(model, prompts: str | Sequence[str], steer: Sequence[SteeringVector] | None = (), mode: Mode = "prompt",
              max_new_tokens: int = 40, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, do_sample: bool = False, seed: int | None = None,
-             use_kv_cache: bool = True, stop_at_eos: bool = True) -> str | list[str]:
-    """Generate continuations (the prompt is not repeated): a str for a str prompt, else a list.
+             use_kv_cache: bool = True, stop_at_eos: bool = True, chat: bool = False) -> str | list[str]:
+    """Generate continuations (the prompt is not repeated): a str for a str prompt (or one conversation), else a list.
 
-    ``steer=None`` and ``steer=[]`` both generate unsteered."""
+    ``steer=None`` and ``steer=[]`` both generate unsteered. ``chat=True`` puts each prompt (a user message, or
+    a list of ``{"role", "content"}`` messages) through the model's chat template; the templated text is the
+    prompt, so mode "prompt" steers all of it and "generated" only the assistant's new tokens."""
     out = generate_tokens(model, prompts, steer, mode, max_new_tokens, temperature, top_k, top_p, do_sample,
-                          seed, use_kv_cache, stop_at_eos)
-    return out.texts[0] if isinstance(prompts, str) else out.texts
+                          seed, use_kv_cache, stop_at_eos, chat)
+    one = isinstance(prompts, str) or (chat and bool(prompts) and isinstance(prompts[0], dict))
+    return out.texts[0] if one else out.texts
 
 
 @torch.no_grad()
 def generate_tokens(model, prompts: str | Sequence[str], steer: Sequence[SteeringVector] | None = (),
                     mode: Mode = "prompt", max_new_tokens: int = 40, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, do_sample: bool = False,
-                    seed: int | None = None, use_kv_cache: bool = True, stop_at_eos: bool = True) -> Generation:
+                    seed: int | None = None, use_kv_cache: bool = True, stop_at_eos: bool = True,
+                    chat: bool = False) -> Generation:
     """Batched generation with left padding; returns tokens, per-step logits and texts.
 
     Greedy unless ``do_sample``; sampling uses ``temperature``, ``top_k``, ``top_p`` and a
     generator seeded with ``seed``. Rows that produced EOS keep emitting EOS.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
-    tokens, mask, pad_left = left_pad(model, prompts)
+    tokens, mask, pad_left = left_pad(model, prompts, chat)
     B, P = tokens.shape
     if P + max_new_tokens > model.cfg.n_ctx:
         raise SteerscopeError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds n_ctx={model.cfg.n_ctx}")

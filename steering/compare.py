@@ -244,10 +244,10 @@ def check_disjoint(**splits: Sequence[str]) -> None:
 
 def window_prompts(model, texts: Sequence[str], n: int, n_ctx: int = 32) -> list[str]:
     """``n`` text windows of ``n_ctx - 1`` tokens, evenly spaced through ``texts``, as strings."""
-    from probe.corpus import pack
+    from probe.tokens import pack_texts
 
     tok = model.tokenizer
-    rows = pack(tok, list(texts), n_ctx, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id)
+    rows = pack_texts(model, list(texts), n_ctx)
     if len(rows) < n:
         raise SteerscopeError(f"the texts give only {len(rows)} windows of {n_ctx} tokens, {n} wanted")
     pick = torch.linspace(0, len(rows) - 1, n).round().long()
@@ -272,9 +272,9 @@ def concept_comparison(model, dictionaries: dict[str, object], concepts: dict[st
     """
     from tqdm.auto import tqdm
 
-    from probe.corpus import pack
     from probe.hooks import capture
     from probe.sites import resolve_one
+    from probe.tokens import pack_texts
 
     bad = [t for t in kl_targets if not (isinstance(t, int | float) and math.isfinite(t) and t > 0)]
     if bad or not kl_targets:
@@ -289,8 +289,7 @@ def concept_comparison(model, dictionaries: dict[str, object], concepts: dict[st
             raise SteerscopeError(f"concept {name!r}: none of {list(ws)} is a single token (' word') for this model")
     dim_site = resolve_one(model, dim_site)
     sites = {name: resolve_one(model, d.cfg.site) for name, d in dictionaries.items()}
-    tok = model.tokenizer
-    contexts = pack(tok, list(select_texts), 128, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id)
+    contexts = pack_texts(model, list(select_texts), 128)
     if len(contexts) > n_select:
         contexts = contexts[torch.linspace(0, len(contexts) - 1, n_select).round().long()]
     stats = {name: Contrast() for name in [*dictionaries, dim_site]}

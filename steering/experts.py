@@ -67,16 +67,15 @@ def moe_shape(model) -> tuple[int, int, int]:
 
 def _prompt_batches(model, prompts: Sequence[str], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded token batches and their [batch, pos] masks of real (non-padding) tokens."""
+    from probe.tokens import encode_all, pad, real_mask
+
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise SteerscopeError("prompts must be a list of strings")
     if len(prompts) == 0:
         raise SteerscopeError("empty prompt list: give at least one prompt")
     for i in range(0, len(prompts), batch_size):
-        chunk = list(prompts[i:i + batch_size])
-        lengths = torch.tensor([model.to_tokens(p).shape[1] for p in chunk])
-        tokens = model.to_tokens(chunk, padding_side="right")
-        mask = torch.arange(tokens.shape[1])[None, :] < lengths[:, None]
-        yield tokens, mask.to(tokens.device)
+        tokens, lengths = pad(model, encode_all(model, list(prompts[i:i + batch_size])), "right")
+        yield tokens, real_mask(lengths, tokens.shape[1]).bool().to(tokens.device)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Prompts of different lengths in one patching batch: right padding, per-row positions, end-aligned logits.
 
 Layout. Row r holds its real tokens in columns ``0 .. L_r - 1`` (BOS in column 0) and pad tokens after them
-(``steering.vectors._pad_id``). No attention mask is needed: attention is causal, so a real token never sees
+(``probe.tokens.pad_id``). No attention mask is needed: attention is causal, so a real token never sees
 the pads that follow it, and its absolute or rotary position is the one it has when the prompt runs alone.
 So every real position of a padded batch computes exactly what the prompt alone computes.
 
@@ -81,16 +81,11 @@ class Padded:
 
 
 def pad_prompts(model, prompts: str | Sequence[str]) -> Padded:
-    """Tokenize prompts (BOS first, ``steering.vectors.prompt_tokens``) and right-pad them into one batch."""
-    from steering.vectors import _pad_id, prompt_tokens
+    """Tokenize prompts (the model's convention, :mod:`probe.tokens`) and right-pad them into one batch."""
+    from probe.tokens import encode_all, pad, pad_id
 
-    toks = prompt_tokens(model, prompts)
-    lengths = torch.tensor([len(t) for t in toks])
-    pad = _pad_id(model)
-    tokens = torch.full((len(toks), int(lengths.max())), pad, dtype=torch.long)
-    for r, t in enumerate(toks):
-        tokens[r, : len(t)] = t
-    return Padded(tokens.to(model.cfg.device), lengths, pad)
+    tokens, lengths = pad(model, encode_all(model, prompts), "right")
+    return Padded(tokens, lengths, pad_id(model))
 
 
 def as_padded(model, x) -> Padded:

@@ -32,6 +32,7 @@ from torch import Tensor
 from probe.errors import SteerscopeError
 from probe.hooks import capture
 from probe.sites import layer_of, resolve_one
+from probe.tokens import encode, encode_all, first_real, pad, real_mask
 
 FORMAT = "steerscope.steering_vector"
 FORMAT_VERSION = 1
@@ -140,7 +141,7 @@ class SteeringVector:
         """
         _check_layer(model, layer)
         site = resolve_one(model, site or f"blocks.{layer}.hook_resid_pre")
-        toks = [_prompt_tokens(model, p) for p in (prompt_add, prompt_sub)]
+        toks = [encode(model, p) for p in (prompt_add, prompt_sub)]
         space = _space_token(model)
         T = max(len(t) for t in toks)
         batch = torch.stack([torch.cat([t, t.new_full((T - len(t),), space)]) for t in toks])
@@ -242,48 +243,28 @@ def site_width(model, site: str) -> int | None:
 
 
 def prompt_tokens(model, prompts: list[str]) -> list[Tensor]:
-    """Each prompt as a 1-D token tensor starting with BOS; empty lists and empty prompts are errors."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    if not prompts:
-        raise SteerscopeError("the prompt list is empty")
-    return [_prompt_tokens(model, p) for p in prompts]
+    """Each prompt as a 1-D token tensor, tokenized by the model's convention (:mod:`probe.tokens`)."""
+    return encode_all(model, prompts)
 
 
 def read_activations(model, prompts: list[str], site: str, position: Position = "last",
                      batch_size: int = 32) -> Tensor:
-    """[N, d] activations at ``site``: the last real token, or the mean of real tokens after BOS."""
+    """[N, d] activations at ``site``: the last real token, or the mean of the prompt's own tokens (BOS left out)."""
     if position not in ("last", "mean"):
         raise SteerscopeError(f"position must be 'last' or 'mean', got {position!r}")
     toks = prompt_tokens(model, prompts)
     out = []
     for i in range(0, len(toks), batch_size):
-        chunk = toks[i:i + batch_size]
-        lens = torch.tensor([len(t) for t in chunk])
-        T = int(lens.max())
-        batch = torch.stack([torch.cat([t, t.new_full((T - len(t),), _pad_id(model))]) for t in chunk])
-        mask = (torch.arange(T)[None, :] < lens[:, None]).long()
+        batch, lens = pad(model, toks[i:i + batch_size], "right")
+        mask = real_mask(lens, batch.shape[1])
         acts = _run_site(model, batch, mask, site).float().cpu()  # [B, T, d]
         if position == "last":
-            out.append(acts[torch.arange(len(chunk)), lens - 1])
+            out.append(acts[torch.arange(len(lens)), lens - 1])
         else:
             keep = mask.clone()
-            keep[:, 0] = 0  # BOS is shared by every prompt and dominates the norm; leave it out
+            keep[:, : first_real(model)] = 0  # BOS is shared by every prompt and dominates the norm; leave it out
             out.append((acts * keep[..., None]).sum(1) / keep.sum(1, keepdim=True))
     return torch.cat(out)
-
-
-def _prompt_tokens(model, prompt: str) -> Tensor:
-    if model.tokenizer is None:
-        raise SteerscopeError("this model has no tokenizer; steering from prompts needs one")
-    if not isinstance(prompt, str):
-        raise SteerscopeError(f"a prompt must be a string, got {type(prompt).__name__}")
-    toks = model.to_tokens(prompt, prepend_bos=True)[0].cpu()
-    if not prompt.strip() or len(toks) < 2:
-        raise SteerscopeError(f"empty prompt {prompt!r}: a prompt needs at least one token after BOS, and not only "
-                              "whitespace")
-    return toks
 
 
 def _run_site(model, tokens: Tensor, mask: Tensor, site: str) -> Tensor:
@@ -302,11 +283,6 @@ def _space_token(model) -> int:
         return int(model.to_single_token(" "))
     except (AssertionError, ValueError) as e:
         raise SteerscopeError("ActAdd pads with the space token, but ' ' is not a single token here") from e
-
-
-def _pad_id(model) -> int:
-    tok = model.tokenizer
-    return next(i for i in (tok.pad_token_id, tok.eos_token_id, 0) if i is not None)
 
 
 def _check_layer(model, layer: int) -> None:

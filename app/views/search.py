@@ -8,6 +8,7 @@ import torch
 from app.views import _ui
 from probe.hooks import capture
 from probe.sites import layer_of
+from probe.tokens import encode, first_real
 
 MAX_CHARS = 2000
 TOP = 8  # features kept per token
@@ -20,19 +21,21 @@ tab_text, tab_token = st.tabs(["By text", "By token"])
 
 @st.cache_data(show_spinner="Running the model and the dictionary…", max_entries=64)
 def analyse(_model, _dictionary, text: str, key: str) -> dict:
-    """Top features per token of ``text`` (BOS excluded): token strings, values and feature ids [T, TOP]."""
+    """Top features per token of ``text`` (tokenized as the model does; a BOS is left out): token strings,
+    values and feature ids [T, TOP]."""
     site = _dictionary.cfg.site
-    toks = _model.to_tokens(text, prepend_bos=True)[:, : _model.cfg.n_ctx]
+    toks = encode(_model, text)[None, : _model.cfg.n_ctx].to(_model.cfg.device)
+    s = first_real(_model)
     layer = layer_of(site)
     with _ui.model_lock(), torch.no_grad(), capture(_model, [site]) as acts:
         if layer is None:
             _model(toks, return_type=None)
         else:
             _model(toks, stop_at_layer=layer + 1)
-        x = acts[site][0, 1:].reshape(toks.shape[1] - 1, -1)
+        x = acts[site][0, s:].reshape(toks.shape[1] - s, -1)
         codes = _dictionary.encode(x.to(next(_dictionary.parameters()).dtype)).float().cpu()
     vals, idx = codes.topk(min(TOP, codes.shape[1]), dim=-1)
-    return {"tokens": [_model.tokenizer.decode([t]) for t in toks[0, 1:].tolist()], "vals": vals.tolist(),
+    return {"tokens": [_model.tokenizer.decode([t]) for t in toks[0, s:].tolist()], "vals": vals.tolist(),
             "idx": idx.tolist()}
 
 
@@ -70,10 +73,10 @@ with tab_text:
         st.info("Paste some text to see which features fire on each token.")
         st.stop()
     model, dictionary = _ui.live(store)
-    n_tok = len(model.to_tokens(text, prepend_bos=True, truncate=False)[0])
+    n_tok, s = len(encode(model, text, truncate=False)), first_real(model)
     if n_tok > model.cfg.n_ctx:
-        st.warning(f"The text is {n_tok - 1:,} tokens; the model reads {model.cfg.n_ctx - 1:,} after BOS, so the rest "
-                   "is not analysed.", icon=":material/content_cut:")
+        st.warning(f"The text is {n_tok - s:,} tokens; the model reads {model.cfg.n_ctx - s:,}, so the rest is not "
+                   "analysed.", icon=":material/content_cut:")
     try:
         res = analyse(model, dictionary, text, f"{store.meta['fingerprint']}|{_ui.model_ref(store)}")
     except Exception as e:  # noqa: BLE001  (shown to the user; the page stays usable)

@@ -155,6 +155,8 @@ CASES = [
     ("steer-save-onto-file", ["steer", "She walked", "--add", "Love", "--sub", "Hate", "--save", f"{W}/afile",
                               "--max-new-tokens", "2"], "is a file"),
     ("steer-vector-missing", ["steer", "She walked", "--vector", f"{W}/nope"], "nope"),
+    ("steer-chat-no-template", ["steer", "She walked", "--add", "Love", "--sub", "Hate", "--layer", "0", "--chat"],
+     "no chat template"),
     ("steer-vector-not-a-vector", ["steer", "She walked", "--vector", f"{W}/sae"], "vector.json"),
     ("steer-prompts-binary", ["steer", "She walked", "--add", "Love", "--sub", "Hate", "--sweep", "0,4", "--words",
                               "love", "--prompts", f"{W}/bin.txt"], "binary file"),

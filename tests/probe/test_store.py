@@ -168,7 +168,7 @@ def test_existing_store_is_reused_refused_or_overwritten(model, texts, tmp_path)
     ([], SITES[0], 100, "corpus is empty"),
     (["", "  \n"], SITES[0], 100, "corpus is empty"),
     (torch.zeros(0, 16, dtype=torch.long), SITES[0], 100, "corpus is empty"),
-    (torch.ones(4, 16, dtype=torch.long), SITES[0], 30, "must start with BOS"),
+    (torch.ones(4, 16, dtype=torch.long), SITES[0], 30, "must start with the same first token"),
 ])
 def test_bad_inputs_raise_one_line_errors(model, texts, tmp_path, corpus, sites, n_tokens, match):
     corpus = texts if corpus == "texts" else corpus
