@@ -174,7 +174,7 @@ def _from_cache(entry: Path, device: str, dtype: torch.dtype, name: str):
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoTokenizer
 
-    from probe.models import _quiet_import, prepends_bos
+    from probe.models import _quiet_import, keep_own_tokenizer, prepends_bos
 
     HookedTransformer, _ = _quiet_import()
     with _neutral_link(entry) as link, warnings.catch_warnings(), _quiet_transformers():
@@ -184,6 +184,7 @@ def _from_cache(entry: Path, device: str, dtype: torch.dtype, name: str):
         cfg.model_name, cfg.tokenizer_name = name, None
         cfg.default_prepend_bos = prepends_bos(tok)
         model = HookedTransformer(cfg, tokenizer=tok)
+        keep_own_tokenizer(model, tok)
     state = load_file(str(entry / "model.safetensors"), device=str(device))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     params = {n for n, _ in model.named_parameters()}

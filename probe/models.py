@@ -119,6 +119,17 @@ def prepends_bos(tokenizer) -> bool:
     return len(ids) > 0 and ids[0] == bos
 
 
+def keep_own_tokenizer(model, tokenizer) -> None:
+    """TL swaps in a copy of the tokenizer re-loaded with ``add_bos_token=True``; put the model's own back, so that
+    ``model.tokenizer(text)`` and ``model.to_tokens(text)`` both give what the model's tokenizer gives."""
+    padding_side = model.tokenizer.padding_side
+    model.tokenizer = tokenizer
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.cfg.tokenizer_prepends_bos = len(tokenizer.encode("")) > 0
+
+
 def load_model(name: str | os.PathLike, device: str | None = None, dtype: str | torch.dtype | None = None):
     """Load a model by zoo name, packaged GGUF name (``smollm2-135m-instruct``), GGUF file, TransformerLens
     official name, or local Hugging Face directory."""
@@ -187,6 +198,8 @@ def _load_hf_dir(path: str, device: str, dtype: torch.dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = HookedTransformer(cfg, tok)
+        if tok is not None:
+            keep_own_tokenizer(model, tok)
         model.load_and_process_state_dict(
             state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
         )

@@ -32,13 +32,14 @@ def first_real(model) -> int:
     return 1 if has_bos(model) else 0
 
 
-def encode(model, prompt: str, *, truncate: bool = True) -> Tensor:
-    """One prompt as a 1-D LongTensor on the CPU, tokenized by the model's convention; blank prompts are errors."""
+def encode(model, prompt: str, *, truncate: bool = True, allow_whitespace: bool = False) -> Tensor:
+    """One prompt as a 1-D LongTensor on the CPU, tokenized by the model's convention; blank prompts are errors
+    (``allow_whitespace``: a prompt of only spaces is a real token, as ActAdd's " weddings" - " " needs)."""
     if model.tokenizer is None:
         raise SteerscopeError("this model has no tokenizer; working from text needs one")
     if not isinstance(prompt, str):
         raise SteerscopeError(f"a prompt must be a string, got {type(prompt).__name__}")
-    if not prompt.strip():
+    if not prompt or (not prompt.strip() and not allow_whitespace):
         raise SteerscopeError(f"empty prompt {prompt!r}: a prompt needs at least one token, and not only whitespace")
     toks = model.to_tokens(prompt, prepend_bos=has_bos(model), truncate=truncate)[0].cpu()
     if len(toks) <= first_real(model):

@@ -135,13 +135,14 @@ class SteeringVector:
                site: str | None = None) -> SteeringVector:
         """ActAdd (Turner et al.): per-position difference of two prompts' residual streams.
 
-        Both prompts get BOS at position 0; the shorter one is right-padded with the space token.
-        The [T, d] tensor is H(prompt_add) - H(prompt_sub) at ``blocks.{layer}.hook_resid_pre``
-        (or ``site``); its BOS row is exactly zero.
+        Both prompts are tokenized as the model's prompts are (BOS at position 0 where the model has one); the
+        shorter one is right-padded with the space token. The [T, d] tensor is H(prompt_add) - H(prompt_sub) at
+        ``blocks.{layer}.hook_resid_pre`` (or ``site``); with a BOS its row 0 is exactly zero. Without one (SmolLM2),
+        row 0 is the difference of two attention sinks (norm ~10x a normal row there) and lands on the user's sink.
         """
         _check_layer(model, layer)
         site = resolve_one(model, site or f"blocks.{layer}.hook_resid_pre")
-        toks = [encode(model, p) for p in (prompt_add, prompt_sub)]
+        toks = [encode(model, p, allow_whitespace=True) for p in (prompt_add, prompt_sub)]  # " " is the paper's
         space = _space_token(model)
         T = max(len(t) for t in toks)
         batch = torch.stack([torch.cat([t, t.new_full((T - len(t),), space)]) for t in toks])

@@ -88,3 +88,25 @@ def test_a_store_on_a_bos_less_model_excludes_its_fixed_first_token(llama, tmp_p
     assert (st.tokens[:, 0] == llama.tokenizer.eos_token_id).all()
     _, pos = st.locate(torch.arange(len(st)))
     assert len(st) == 60 and int(pos.min()) >= 1  # the fixed first token is never a training row
+
+
+def test_actadd_takes_the_papers_space_prompt_on_either_convention(tiny_dense, llama):
+    from steering import SteeringVector
+
+    with pytest.raises(SteerscopeError, match="empty prompt"):
+        encode(llama, " ")
+    assert encode(llama, " ", allow_whitespace=True).tolist() == llama.tokenizer(" ")["input_ids"]
+    with pytest.raises(SteerscopeError, match="empty prompt"):
+        encode(llama, "", allow_whitespace=True)
+    v = SteeringVector.actadd(llama, " weddings", " ", layer=0)
+    assert v.tensor.shape[0] == len(encode(llama, " weddings")) and v.tensor[0].norm() > 0  # no BOS row
+    w = SteeringVector.actadd(tiny_dense, " weddings", " ", layer=0)
+    assert w.tensor.shape[0] == len(encode(tiny_dense, " weddings")) and w.tensor[0].abs().max() == 0  # BOS row
+
+
+def test_the_models_tokenizer_object_is_its_own(llama):
+    from transformers import AutoTokenizer
+
+    own = AutoTokenizer.from_pretrained(llama.tokenizer.name_or_path)
+    for text in ("hi", " ", "Mr. Darcy"):
+        assert llama.tokenizer(text)["input_ids"] == own(text)["input_ids"] == llama.to_tokens(text)[0].tolist()
