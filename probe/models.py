@@ -203,6 +203,9 @@ def _load_hf_dir(path: str, device: str, dtype: torch.dtype):
         model.load_and_process_state_dict(
             state, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
         )
+    from probe.twin import attach
+
+    attach(model, lambda: AutoModelForCausalLM.from_pretrained(root, dtype=dtype))  # the hot paths' twin
     return model.eval()
 
 

@@ -52,6 +52,7 @@ from probe.store_files import (
     write_sidecar,
 )
 from probe.tokens import context_start_id, has_bos, pack_texts
+from probe.twin import twin_of
 
 FORMAT = "steerscope-activations"
 VERSION = 1
@@ -329,12 +330,18 @@ def _n_shards(spec: dict) -> int:
 def _run_shards(model, tokens, names, spec, path, batch_size, rank, world, progress) -> dict[int, dict]:
     """Compute and write this rank's missing shards (``i % world == rank``); return their manifest entries."""
     todo = [i for i in range(_n_shards(spec)) if i % world == rank and not _shard_ok(path, spec, i)]
-    stop, own = _stop_layer(model, names), {}
+    own, twin = {}, twin_of(model, names)  # transformers' own modules when they map every site (probe.twin)
+    if twin is not None:
+        last = twin.last(names)
+        grab, run = twin.capture(names), (lambda batch: twin.forward(batch, stop_after=last))
+    else:
+        stop = _stop_layer(model, names)
+        grab, run = capture(model, names), (lambda batch: _forward(model, batch, stop))
     total = sum(_bounds(spec, i)[3] for i in todo)
     bar = tqdm(total=total, unit="tok", desc=f"caching {len(names)} site(s)", disable=not progress or rank != 0)
-    with bar, torch.no_grad(), capture(model, names) as acts:
+    with bar, torch.no_grad(), grab as acts:
         for i in todo:
-            tensors = _forward_shard(model, tokens, spec, i, stop, acts, batch_size, bar)
+            tensors = _forward_shard(model, tokens, spec, i, run, acts, batch_size, bar)
             data = st_save(tensors, metadata={"spec": spec_hash(spec)})
             own[i] = file_entry(shard_name(i), data)
             write_sidecar(path, own[i])  # first: a shard on disk always has its recorded checksum beside it
@@ -342,7 +349,7 @@ def _run_shards(model, tokens, names, spec, path, batch_size, rank, world, progr
     return own
 
 
-def _forward_shard(model, tokens, spec, i, stop, acts, batch_size, bar) -> dict[str, torch.Tensor]:
+def _forward_shard(model, tokens, spec, i, run, acts, batch_size, bar) -> dict[str, torch.Tensor]:
     """Run shard ``i``'s contexts in batches and gather each site's rows (BOS dropped unless included)."""
     c0, c1, _, rows = _bounds(spec, i)
     skip, dt = 0 if spec["include_bos"] else 1, DTYPES[spec["dtype"]]
@@ -350,7 +357,7 @@ def _forward_shard(model, tokens, spec, i, stop, acts, batch_size, bar) -> dict[
     off = 0
     for b in range(c0, c1, batch_size):
         batch = tokens[b : min(b + batch_size, c1)].to(model.cfg.device)
-        _forward(model, batch, stop)
+        run(batch)
         n = min(batch.shape[0] * _per_ctx(spec), rows - off)
         for site, buf in out.items():
             buf[off : off + n].copy_(acts[site][:, skip:].reshape(-1, buf.shape[1])[:n])

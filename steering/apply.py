@@ -33,6 +33,7 @@ from probe.errors import SteerscopeError
 from probe.hooks import hooks
 from probe.sites import resolve_one
 from probe.tokens import encode_prompts, pad, real_mask
+from probe.twin import twin_of
 from steering.vectors import SteeringVector, site_width
 
 Mode = Literal["prompt", "generated", "all"]
@@ -91,7 +92,7 @@ def check_vectors(model, vectors, mode: Mode = "all") -> list[SteeringVector]:
 
 @contextmanager
 def steer(model, vectors, mode: Mode = "prompt", prompt_len: int | None = None,
-          pad_left: Tensor | None = None) -> Iterator[Positions]:
+          pad_left: Tensor | None = None, twin=None) -> Iterator[Positions]:
     """Add each vector's ``coeff * tensor`` at its site while the body runs; hooks always removed.
 
     Yields the :class:`Positions` the hooks read. Without ``prompt_len`` every position of a
@@ -104,7 +105,8 @@ def steer(model, vectors, mode: Mode = "prompt", prompt_len: int | None = None,
     if prompt_len is not None:
         real_lens = prompt_len - (pos.pad_left if pos.pad_left is not None else torch.zeros(1))
         _check_actadd_fits([v.tensor.shape[0] for v in vectors if v.positional], real_lens)
-    with hooks(model, [(v.site, _make_hook(v, mode, pos)) for v in vectors]):
+    pairs = [(v.site, _make_hook(v, mode, pos)) for v in vectors]
+    with twin.hooks(pairs) if twin is not None else hooks(model, pairs):  # twin: probe.twin, same hooks
         yield pos
 
 
@@ -219,6 +221,11 @@ def generate_tokens(model, prompts: str | Sequence[str], steer: Sequence[Steerin
     gen = torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
     eos = model.tokenizer.eos_token_id if stop_at_eos else None
     sample = _sampler(temperature, top_k, top_p, do_sample, gen)
+    twin = twin_of(model, [resolve_one(model, v.site) for v in check_vectors(model, steer, mode)])
+    if twin is not None:  # transformers' own modules, the same hooks (probe.twin)
+        tokens, logits, new = _twin_loop(model, twin, steer, mode, tokens, mask, pad_left, max_new_tokens, sample,
+                                         eos, use_kv_cache)
+        return Generation(tokens, logits, P, pad_left, _decode(model, new, eos))
     steps, new = [], []
     with _steer(model, steer, mode, prompt_len=P, pad_left=pad_left) as pos:
         cache = _new_cache(model, B) if use_kv_cache else None
@@ -241,6 +248,35 @@ def generate_tokens(model, prompts: str | Sequence[str], steer: Sequence[Steerin
             inp, inp_mask = (nxt[:, None], mask[:, -1:]) if cache is not None else (tokens, mask)
     new_tokens = torch.stack(new, 1)
     return Generation(tokens, torch.stack(steps, 1), P, pad_left, _decode(model, new_tokens, eos))
+
+
+def _twin_loop(model, twin, steer, mode, tokens, mask, pad_left, max_new_tokens, sample, eos, use_kv_cache):
+    """``generate_tokens``' loop on the twin: full attention mask and explicit positions, as transformers'
+    ``generate`` drives the model (left-padded rows count positions from their first real token)."""
+    B, P = tokens.shape
+    steps, new = [], []
+    with _steer(model, steer, mode, prompt_len=P, pad_left=pad_left, twin=twin) as pos:
+        cache = twin.new_cache() if use_kv_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=tokens.device)
+        inp = tokens
+        for _ in range(max_new_tokens):
+            positions = (mask.cumsum(1) - 1).clamp(min=0)
+            logits = twin.forward(inp, attention_mask=mask, position_ids=positions[:, -inp.shape[1]:], cache=cache,
+                                  last_only=True)[:, -1].float()
+            if steer and not bool(torch.isfinite(logits).all()):
+                raise SteerscopeError("the steered activations overflowed (the logits are not finite); use a smaller coeff")
+            nxt = sample(logits)
+            if eos is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+                done |= nxt == eos
+            steps.append(logits)
+            new.append(nxt)
+            tokens, mask = torch.cat([tokens, nxt[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            if eos is not None and bool(done.all()):
+                break
+            pos.start = tokens.shape[1] - 1 if cache is not None else 0
+            inp = nxt[:, None] if cache is not None else tokens
+    return tokens, torch.stack(steps, 1), torch.stack(new, 1)
 
 
 def _new_cache(model, batch: int):
