@@ -99,6 +99,19 @@ def main() -> None:
     gen_rows(model, hf, args, SteeringVector, generate)
 
 
+def interleaved(fns: dict, repeat: int) -> dict:
+    """Best time per arm, the arms taken in turn each round (so drift in the machine's speed hits all alike)."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: min(v) for k, v in times.items()}
+
+
 def gen_rows(model, hf, args, SteeringVector, generate) -> None:
     prompts = ["I went up to my friend and said", "The capital of France is", "It is a truth universally",
                "She walked into the room and", "In the morning, the garden", "My favourite recipe is",
@@ -108,25 +121,33 @@ def gen_rows(model, hf, args, SteeringVector, generate) -> None:
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True)
     tok.padding_side = side
-    new = args.new
-    with torch.no_grad():
-        t_hf = best(lambda: hf.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                        pad_token_id=tok.pad_token_id), args.repeat)
-    total = len(prompts) * new
-    print(f"transformers generate, greedy, KV cache, {len(prompts)} prompts x {new} tokens: {total / t_hf:.1f} tok/s "
-          "(anchor)")
+    new, total = args.new, len(prompts) * args.new
     layer = model.cfg.n_layers // 5
     flat = SteeringVector.from_direction(torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0)),
                                          f"blocks.{layer}.hook_resid_pre", coeff=4.0)
+    actadd = SteeringVector.actadd(model, " weddings", " ", layer=layer, coeff=4.0)
     arms = {"unsteered": dict(steer=None), f"steered [d] at all positions (layer {layer})": dict(steer=[flat], mode="all"),
-            f"ActAdd ' weddings' - ' ' (layer {layer})": dict(steer=[SteeringVector.actadd(model, " weddings", " ",
-                                                                                          layer=layer, coeff=4.0)])}
+            f"ActAdd ' weddings' - ' ' (layer {layer})": dict(steer=[actadd])}
+
+    def ours(kw, off):
+        def run():
+            with twin_off() if off else contextlib.nullcontext():
+                generate(model, prompts, max_new_tokens=new, stop_at_eos=False, **kw)
+        return run
+
+    fns = {"anchor": lambda: hf.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                         pad_token_id=tok.pad_token_id)}
     for name, kw in arms.items():
-        for label, ctx in (("ours", contextlib.nullcontext()), ("HookedTransformer", twin_off())):
-            with ctx:
-                t = best(lambda kw=kw: generate(model, prompts, max_new_tokens=new, stop_at_eos=False, **kw),
-                         args.repeat)
-            print(f"  steering.generate {name} ({label}): {total / t:.1f} tok/s = {t_hf / t:.2f}x transformers' generate")
+        fns[(name, "ours")] = ours(kw, False)
+        fns[(name, "HookedTransformer")] = ours(kw, True)
+    with torch.no_grad():
+        t = interleaved(fns, args.repeat)
+    print(f"transformers generate, greedy, KV cache, {len(prompts)} prompts x {new} tokens: {total / t['anchor']:.1f} "
+          "tok/s (anchor; all generation arms timed in turn)")
+    for key, sec in t.items():
+        if key != "anchor":
+            print(f"  steering.generate {key[0]} ({key[1]}): {total / sec:.1f} tok/s = {t['anchor'] / sec:.2f}x "
+                  "transformers' generate")
 
 
 if __name__ == "__main__":
