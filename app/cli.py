@@ -150,8 +150,10 @@ def demo(
     k: int = typer.Option(32, help="active latents per token"),
     serve: bool = typer.Option(True, help="serve the dashboard at the end (--no-serve stops after the feature store)"),
     port: int = typer.Option(8501, help="dashboard port"),
-    model: str = typer.Option("austen-dense", help="model (austen-moe: the MoE model, for the Experts page)"),
-    site: str = typer.Option("blocks.2.hook_resid_post", help="hook the SAE reads"),
+    model: str = typer.Option("austen-dense", help="model (austen-moe: the MoE model, for the Experts page; "
+                              "smollm2-135m-instruct: the real pretrained model)"),
+    site: str = typer.Option(None, help="hook the SAE reads (default: blocks.2.hook_resid_post on the Austen models, "
+                             "the middle layer's hook_resid_post otherwise)"),
 ) -> None:
     """The main job on the bundled model: cache activations, train a TopK SAE, evaluate it,
     build the feature store, serve the dashboard on 127.0.0.1. Stages whose artifacts exist are reused."""

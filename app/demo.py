@@ -9,7 +9,6 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -18,7 +17,7 @@ MODEL = "austen-dense"
 
 
 def run_demo(out: Path, n_tokens: int = 100_000, d_sae: int = 4096, k: int = 32, serve: bool = True,
-             port: int = 8501, host: str = "127.0.0.1", model_name: str = MODEL, site: str = DEMO_SITE) -> dict:
+             port: int = 8501, host: str = "127.0.0.1", model_name: str = MODEL, site: str | None = None) -> dict:
     """Run every stage (each skipped when its artifact is already there) and serve the app."""
     from probe.models import load_model
     from probe.sites import resolve_one
@@ -26,16 +25,20 @@ def run_demo(out: Path, n_tokens: int = 100_000, d_sae: int = 4096, k: int = 32,
 
     console = Console(stderr=True)
     out = Path(out)
+    from steering import generate
+
     model = load_model(model_name, device="cpu")
+    if site is None:  # the Austen models' tested site, else the middle of the model
+        site = DEMO_SITE if model_name in ("austen-dense", "austen-moe") else \
+            f"blocks.{model.cfg.n_layers // 2}.hook_resid_post"
     site = resolve_one(model, site)
     console.rule(f"[bold]steerscope demo[/bold]: {model_name}")
     c = card(model_name) if model_name in ("austen-dense", "austen-moe") else None
     if c is not None:
         console.print(f"{c['n_params'] / 1e6:.1f} M params, val loss {c['val_loss']:.3f} nats/token "
                       f"(bigram baseline {c['bigram_val_loss']:.3f}); artifacts in {out}")
-    torch.manual_seed(0)
-    console.print("sample:", repr(model.generate("It is a truth universally acknowledged", max_new_tokens=25,
-                                                  temperature=0.8, verbose=False)))
+    console.print("sample:", repr(generate(model, "It is a truth universally acknowledged", max_new_tokens=25,
+                                            do_sample=True, temperature=0.8, seed=0)))
     store = _stage(console, "1/5 cache activations", lambda: _cache(model, out / "acts", site, n_tokens))
     sae = _stage(console, "2/5 train a TopK SAE", lambda: _train(store, out / "sae", site, d_sae, k, model_name))
     metrics = _stage(console, "3/5 evaluate it", lambda: _evaluate(sae, model, out / "sae", site))
@@ -64,7 +67,8 @@ def _stage(console: Console, title: str, fn):
 def _cache(model, path: Path, site: str, n_tokens: int):
     from probe.store import ActivationStore
 
-    store = ActivationStore.build(model, "austen", site, n_tokens, path, corpus_spec="austen")
+    n_ctx = min(model.cfg.n_ctx, 256)  # the Austen models' context; as long on SmolLM2 (its 8192 would be slow)
+    store = ActivationStore.build(model, "austen", site, n_tokens, path, n_ctx=n_ctx, batch_size=8, corpus_spec="austen")
     store.verify()
     return store
 

@@ -77,7 +77,9 @@ def main() -> None:
     L = model.cfg.n_layers
     lo = min(200, model.cfg.d_vocab // 4)  # ordinary tokens, clear of the special ones at the start of the vocabulary
     ids = torch.randint(lo, model.cfg.d_vocab - lo, (args.batch, args.ctx), generator=torch.Generator().manual_seed(0))
-    ids[:, 0] = model.tokenizer.eos_token_id  # a store's contexts start with a fixed token (probe.tokens)
+    from probe.tokens import context_start_id, has_bos
+
+    ids[:, 0] = context_start_id(model.tokenizer, has_bos(model))  # a store's contexts start with it (probe.tokens)
     n = ids.numel()
     print(f"{args.model}: {L} layers, d_model {model.cfg.d_model}; {torch.get_num_threads()} threads; "
           f"best of {args.repeat}")

@@ -54,6 +54,8 @@ from probe.store_files import (
 from probe.tokens import context_start_id, has_bos, pack_texts
 from probe.twin import twin_of
 
+MAX_DEFAULT_CTX = 1024  # contexts of texts default to the model's n_ctx up to this (SmolLM2's 8192 would be slow)
+
 FORMAT = "steerscope-activations"
 VERSION = 1
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -92,6 +94,7 @@ class ActivationStore:
               progress: bool = True) -> ActivationStore:
         """Cache ``n_tokens`` activation rows of ``sites`` over ``corpus`` into ``path`` and open the store.
 
+        ``n_ctx`` defaults to the model's context, at most 1024 tokens.
         ``corpus``: a corpus spec (``load_corpus(spec, "train")``), a list of texts, or token ids
         ``[n_contexts, n_ctx]`` starting with BOS. ``batch_size`` counts contexts per forward pass;
         ``shard_tokens`` rows per shard (rounded down to whole contexts). A killed build resumes
@@ -222,7 +225,7 @@ def _contexts(model, corpus: Corpus, n_ctx: int | None, include_bos: bool) -> to
         tok = model.tokenizer
         if tok is None or not getattr(tok, "is_fast", False):
             raise SteerscopeError("the model has no fast (tokenizers-backed) tokenizer; pass token ids as a LongTensor")
-        tokens = pack_texts(model, texts, n_ctx or model.cfg.n_ctx)
+        tokens = pack_texts(model, texts, n_ctx or min(model.cfg.n_ctx, MAX_DEFAULT_CTX))
     if tokens.shape[0] == 0:
         raise SteerscopeError("corpus is empty: no contexts")
     if tokens.shape[1] > model.cfg.n_ctx or tokens.shape[1] < (1 if include_bos else 2):

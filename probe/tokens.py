@@ -7,8 +7,10 @@ of the first token of the user's text (1 after a BOS, else 0).
 
 Packed corpus contexts (activation caching, evaluation, feature stores) always start with one fixed
 token that is excluded from training rows and statistics: BOS where the model has that convention,
-otherwise the document separator (EOS, ``<|endoftext|>`` on SmolLM2), so every context looks like the
-start of a new document and the model's attention sink sits on a token that is never analysed.
+otherwise the document separator, so every context looks like the start of a new document and the model's
+attention sink sits on a token that is never analysed. The separator is ``<|endoftext|>`` where the
+vocabulary has it as a special token (GPT-2, Qwen and SmolLM families pretrain with it between documents;
+an instruct model's EOS, SmolLM2's ``<|im_end|>``, ends a chat turn instead), else EOS.
 """
 
 from __future__ import annotations
@@ -84,15 +86,24 @@ def real_mask(lengths: Tensor, width: int, side: Literal["right", "left"] = "rig
     return (cols < lengths[:, None] if side == "right" else cols >= width - lengths[:, None]).long()
 
 
+def document_separator(tokenizer) -> int | None:
+    """``<|endoftext|>`` when the vocabulary has it as a special token, else EOS."""
+    special = getattr(tokenizer, "all_special_tokens", None) or []
+    added = getattr(tokenizer, "get_added_vocab", lambda: {})()
+    if "<|endoftext|>" in special or "<|endoftext|>" in added:
+        return int(tokenizer.convert_tokens_to_ids("<|endoftext|>"))
+    return getattr(tokenizer, "eos_token_id", None)
+
+
 def context_start_id(tokenizer, prepend_bos: bool = True) -> int:
-    """The fixed first token of packed corpus contexts: BOS when prompts get one, else EOS (the document
-    separator); a tokenizer with only one of the two uses it."""
-    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
-    if bos is None and eos is None:
+    """The fixed first token of packed corpus contexts: BOS when prompts get one, else the document separator;
+    a tokenizer with only one of the two uses it."""
+    bos, sep = getattr(tokenizer, "bos_token_id", None), document_separator(tokenizer)
+    if bos is None and sep is None:
         raise SteerscopeError("the tokenizer has neither a BOS nor an EOS token; pass token ids as a LongTensor")
     if prepend_bos:
-        return bos if bos is not None else eos
-    return eos if eos is not None else bos
+        return bos if bos is not None else sep
+    return sep if sep is not None else bos
 
 
 def pack_texts(model, texts: Sequence[str], n_ctx: int) -> Tensor:
@@ -103,8 +114,8 @@ def pack_texts(model, texts: Sequence[str], n_ctx: int) -> Tensor:
     if tok is None:
         raise SteerscopeError("this model has no tokenizer: pass token ids [n_contexts, n_ctx] instead of texts")
     start = context_start_id(tok, has_bos(model))
-    eos = getattr(tok, "eos_token_id", None)
-    return pack(tok, list(texts), n_ctx, bos_id=start, eos_id=start if eos is None else eos)
+    sep = getattr(tok, "eos_token_id", None) if has_bos(model) else document_separator(tok)
+    return pack(tok, list(texts), n_ctx, bos_id=start, eos_id=start if sep is None else sep)
 
 
 def chat_text(model, prompt: str | Sequence[dict]) -> str:

@@ -70,7 +70,8 @@ def test_padded_rows_compute_what_the_prompt_alone_computes(llama):
 
 def test_packed_contexts_start_with_bos_or_the_document_separator(tiny_dense, llama):
     assert context_start_id(tiny_dense.tokenizer, True) == tiny_dense.tokenizer.bos_token_id
-    eos = llama.tokenizer.eos_token_id
+    eos = llama.tokenizer.convert_tokens_to_ids("<|endoftext|>")  # the pretraining separator, not <|im_end|>
+    assert llama.tokenizer.eos_token == "<|im_end|>" and llama.tokenizer.eos_token_id != eos
     assert context_start_id(llama.tokenizer, False) == eos != llama.tokenizer.bos_token_id
     texts = ["It is a truth universally acknowledged, that a single man. " * 6] * 3
     rows = pack_texts(llama, texts, 16)
@@ -85,7 +86,8 @@ def test_a_store_on_a_bos_less_model_excludes_its_fixed_first_token(llama, tmp_p
     texts = ["It is a truth universally acknowledged, that a single man in possession. " * 8] * 4
     st = ActivationStore.build(llama, texts, "blocks.0.hook_resid_post", 60, tmp_path / "acts", n_ctx=16,
                                progress=False)
-    assert (st.tokens[:, 0] == llama.tokenizer.eos_token_id).all()
+    assert (st.tokens[:, 0] == llama.tokenizer.convert_tokens_to_ids("<|endoftext|>")).all()
+    assert not (st.tokens == llama.tokenizer.eos_token_id).any()  # no chat-turn end inside plain text
     _, pos = st.locate(torch.arange(len(st)))
     assert len(st) == 60 and int(pos.min()) >= 1  # the fixed first token is never a training row
 
