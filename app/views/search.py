@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import streamlit as st
 import torch
 
 from app.views import _ui
 from probe.hooks import capture
 from probe.sites import layer_of
-from probe.tokens import encode, first_real
+from probe.tokens import encode, first_real, has_bos
 
 MAX_CHARS = 2000
 TOP = 8  # features kept per token
@@ -88,12 +90,21 @@ with tab_text:
            for vr, ir in zip(vals, idx, strict=True)]
     tips = [f"{t!r}: " + ", ".join(f"#{j} {v:.2f} ({r:.0%} of max)" for v, j, r in zip(vr, ir, rr, strict=True) if v > 0)
             for t, vr, ir, rr in zip(toks, vals, idx, rel, strict=True)]
+    # without a BOS the first token is the model's attention sink (activations ~10x the others'): it is shown and
+    # selectable, but left out of the colours, the default token and the whole-text ranking (the store never
+    # saw a sink: its contexts start with a fixed token that is excluded, see probe.tokens)
+    sink = 0 if not has_bos(model) and len(toks) > 1 else None
+    shade = [0.0 if i == sink else max(r, default=0.0) for i, r in enumerate(rel)]
     st.caption("Each token is coloured by its strongest feature's activation relative to that feature's maximum on "
-               "the store (white = 0, orange = max). Hover a token for its top features.")
-    st.html(_ui.tokens_html(toks, [max(r, default=0.0) for r in rel], 1.0, tips=[t or "no feature fires" for t in tips]))
+               "the store (white = 0, orange = max). Hover a token for its top features."
+               + (" This model reads no BOS, so the first token is its attention sink: left uncoloured and out of "
+                  "the whole-text ranking." if sink is not None else ""))
+    st.html(_ui.tokens_html(toks, shade, 1.0, tips=[t or "no feature fires" for t in tips]))
 
-    best = max(range(len(toks)), key=lambda i: max(rel[i], default=0.0)) if toks else 0
-    pos = st.selectbox("Token", options=list(range(len(toks))), index=best, key="search_pos",
+    best = max(range(len(toks)), key=lambda i: shade[i]) if toks else 0
+    # the key follows the text: with the same options (0..n-1) Streamlit would keep the last text's labels
+    pos = st.selectbox("Token", options=list(range(len(toks))), index=best,
+                       key=f"search_pos_{hashlib.sha1(text.encode()).hexdigest()[:12]}",
                        format_func=lambda i: f"{i + 1}: {_ui.show_token(toks[i])!r}")
     rows = [{"feature": j, "activation": round(v, 4), "of max": round(r, 3),
              "density": maxes.get(j, {}).get("density")} for v, j, r in zip(vals[pos], idx[pos], rel[pos], strict=True)
@@ -106,7 +117,9 @@ with tab_text:
     else:
         left.info("No feature fires on this token.")
     overall: dict[int, float] = {}
-    for rr, ir in zip(rel, idx, strict=True):
+    for i, (rr, ir) in enumerate(zip(rel, idx, strict=True)):
+        if i == sink:
+            continue
         for r, j in zip(rr, ir, strict=True):
             overall[j] = max(overall.get(j, 0.0), r)
     ranked = sorted((j for j in overall if overall[j] > 0), key=lambda j: -overall[j])[:12]
