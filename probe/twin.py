@@ -10,7 +10,8 @@ generated tokens (steered and unsteered, every mode) against the HookedTransform
 Mapped sites (Llama family), per layer L: ``hook_resid_pre`` (the decoder layer's input), ``hook_resid_post``
 (its output), ``hook_attn_out`` (``self_attn``'s output), ``hook_resid_mid`` (``post_attention_layernorm``'s
 input), ``hook_mlp_out`` (``mlp``'s output), ``mlp.hook_post`` (``mlp.down_proj``'s input). Any other site,
-a model without a twin, or ``STEERSCOPE_TWIN=0`` uses the HookedTransformer, unchanged.
+a model without a twin, a model with a hook of its own active (e.g. inside ``probe.hooks.hooks`` or
+``model.hooks``), or ``STEERSCOPE_TWIN=0`` uses the HookedTransformer, unchanged.
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ def enabled() -> bool:
 def twin_of(model, sites: Sequence[str] = ()) -> Twin | None:
     """The model's twin when it has one, it is enabled, and it maps every site in ``sites``; else None."""
     twin = getattr(model, "_steerscope_twin", None)
-    if twin is None or not enabled():
-        return None
+    if twin is None or not enabled() or _has_tl_hooks(model):
+        return None  # a hook someone put on the HookedTransformer must run: stay on it
     if not isinstance(twin, Twin):
         twin = model._steerscope_twin = twin()  # built once (None: this architecture has no twin)
         if twin is None:
@@ -152,6 +153,11 @@ def twin_of(model, sites: Sequence[str] = ()) -> Twin | None:
     if next(twin.hf.parameters()).device != torch.device(model.cfg.device):
         twin.hf.to(model.cfg.device)
     return twin if twin.supports(sites) else None
+
+
+def _has_tl_hooks(model) -> bool:
+    return any(hp._forward_hooks or hp._forward_pre_hooks or hp._backward_hooks
+               for hp in getattr(model, "hook_dict", {}).values())
 
 
 def attach(model, loader: Callable[[], Any]) -> None:

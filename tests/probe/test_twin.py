@@ -97,3 +97,19 @@ def test_the_real_model_bench_runs_at_a_tiny_size(llama, tmp_path, monkeypatch, 
     real_model.main()
     out = capsys.readouterr().out
     assert out.count("x transformers' forward") == 4 and out.count("x transformers' generate") == 6
+
+
+def test_a_users_own_hook_on_the_hooked_transformer_keeps_generation_on_it(llama):
+    from probe.hooks import hooks
+
+    calls = []
+
+    def spy(t, hook):
+        calls.append(t.shape)
+
+    assert twin_of(llama) is not None
+    with hooks(llama, [("blocks.0.hook_resid_post", spy)]):
+        assert twin_of(llama) is None
+        generate_tokens(llama, PROMPTS[:1], max_new_tokens=2)
+    assert len(calls) == 2  # the user's hook ran on both forwards
+    assert twin_of(llama) is not None  # and the twin is back once it is removed
