@@ -22,12 +22,13 @@ app.add_typer(cache_app, name="cache")
 
 
 def _register_commands() -> None:
-    from app import commands_app, commands_patch, commands_saes, commands_steer
+    from app import commands_app, commands_circuits, commands_patch, commands_saes, commands_steer
 
     commands_saes.register(app)
     commands_steer.register(app)
     commands_patch.register(app)
     commands_app.register(app)
+    commands_circuits.register(app)
 
 
 _register_commands()

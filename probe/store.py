@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 
 from probe.corpus import load_corpus
 from probe.errors import SteerscopeError, suggest
+from probe.forward import forward_to, stop_layer
 from probe.hooks import capture
 from probe.locks import dir_lock
-from probe.sites import SiteSpec, all_sites, layer_of, resolve
+from probe.sites import SiteSpec, resolve
 from probe.store_files import (
     MANIFEST,
     TOKENS,
@@ -105,7 +106,7 @@ class ActivationStore:
         path, names = Path(path), resolve(model, sites)
         if batch_size < 1:
             raise SteerscopeError(f"batch_size must be positive, got {batch_size}")
-        tokens = _contexts(model, corpus, n_ctx, include_bos)
+        tokens = contexts(model, corpus, n_ctx, include_bos)
         if corpus_spec is None and isinstance(corpus, str):
             corpus_spec = corpus
         spec = _plan(model, names, tokens, n_tokens, dtype, include_bos, shard_tokens, corpus_spec)
@@ -210,7 +211,7 @@ class ActivationStore:
 
 
 # ---------------------------------------------------------------------- tokens and plan
-def _contexts(model, corpus: Corpus, n_ctx: int | None, include_bos: bool) -> torch.Tensor:
+def contexts(model, corpus: Corpus, n_ctx: int | None, include_bos: bool) -> torch.Tensor:
     """Turn a corpus spec, texts or token ids into contexts ``[n, n_ctx]`` that start with BOS."""
     if isinstance(corpus, torch.Tensor):
         if corpus.dim() != 2 or corpus.dtype not in (torch.int32, torch.int64):
@@ -268,7 +269,7 @@ def _plan(model, names, tokens, n_tokens, dtype, include_bos, shard_tokens, corp
 def _site_widths(model, names: list[str], one: torch.Tensor) -> dict[str, int]:
     """Run one context to learn each site's row width; reject sites that are not ``[batch, pos, ...]``."""
     with torch.no_grad(), capture(model, names) as acts:
-        _forward(model, one.to(model.cfg.device), _stop_layer(model, names))
+        forward_to(model, one.to(model.cfg.device), stop_layer(model, names))
     widths = {}
     for name in names:
         shape = tuple(acts[name].shape)
@@ -283,27 +284,6 @@ def _model_summary(model) -> dict:
     keys = ("model_name", "n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "act_fn",
             "normalization_type", "positional_embedding_type", "num_experts", "experts_per_token")
     return {**{k: getattr(cfg, k, None) for k in keys}, "dtype": str(cfg.dtype)}
-
-
-def _stop_layer(model, names: list[str]) -> int | None:
-    """The ``stop_at_layer`` that still runs every requested site (``None``: the whole model)."""
-    order = all_sites(model)
-    first_block = next((i for i, n in enumerate(order) if layer_of(n) is not None), len(order))
-    stops = []
-    for name in names:
-        layer = layer_of(name)
-        if layer is None and order.index(name) > first_block:
-            return None  # e.g. ln_final: needs every block
-        stops.append(0 if layer is None else layer + 1)
-    return max(stops)
-
-
-def _forward(model, batch: torch.Tensor, stop: int | None) -> None:
-    kw = {"attention_mask": torch.ones_like(batch)} if getattr(model.tokenizer, "padding_side", "") == "left" else {}
-    if stop is None:
-        model(batch, return_type=None, **kw)
-    else:
-        model(batch, stop_at_layer=stop, **kw)
 
 
 # ---------------------------------------------------------------------- building
@@ -338,8 +318,8 @@ def _run_shards(model, tokens, names, spec, path, batch_size, rank, world, progr
         last = twin.last(names)
         grab, run = twin.capture(names), (lambda batch: twin.forward(batch, stop_after=last))
     else:
-        stop = _stop_layer(model, names)
-        grab, run = capture(model, names), (lambda batch: _forward(model, batch, stop))
+        stop = stop_layer(model, names)
+        grab, run = capture(model, names), (lambda batch: forward_to(model, batch, stop))
     total = sum(_bounds(spec, i)[3] for i in todo)
     bar = tqdm(total=total, unit="tok", desc=f"caching {len(names)} site(s)", disable=not progress or rank != 0)
     with bar, torch.no_grad(), grab as acts:

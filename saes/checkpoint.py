@@ -170,6 +170,8 @@ def make_source(data: Any, site: str | None, target_site: str | None, batch_size
         return TensorSource(data, None, batch_size, seed)
     if isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, Tensor) for t in data):
         return TensorSource(data[0], data[1], batch_size, seed)
+    if all(hasattr(data, a) for a in ("dims", "peek", "batches", "default_tokens")):
+        return data  # already a source (e.g. one layer's feed in saes.circuits.layers)
     if hasattr(data, "batches") and hasattr(data, "d"):
         return StoreSource(data, site, target_site if target_site != site else None, batch_size, seed)
     if callable(data) or isinstance(data, Iterable):

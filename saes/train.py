@@ -197,43 +197,69 @@ class Trainer:
             return self._fit()
 
     def _fit(self) -> Dictionary:
-        t0 = self._last_ckpt = time.time()
+        self.begin()
+        try:
+            if not self.done:
+                for batch in self.source.batches(self.st.batch_index):
+                    if self.feed(batch):
+                        break
+            return self.end()
+        finally:
+            self.close()
+
+    # The loop in three parts, so a driver can step several trainers on one stream (saes.circuits.layers).
+    def begin(self) -> None:
+        """Resume or initialise from the data, open the progress bar (and wandb)."""
+        self._t0 = self._last_ckpt = time.time()
         if not self._resume():
             self._init_from_data()
         self.model.train()
-        bar = tqdm(total=self.cfg.n_tokens, initial=self.st.tokens, unit="tok", unit_scale=True, mininterval=0.5,
-                   desc=f"train {self.cfg.architecture}", disable=not self.run.progress or self.dist.rank != 0)
-        wb = open_wandb(self.cfg) if self.run.wandb and self.dist.rank == 0 else None
-        try:
-            if self.st.tokens < self.cfg.n_tokens:
-                self._loop(bar, wb, t0)
-            self._check_nonfinite(final=True)
-            if self.st.step == 0:
-                raise SteerscopeError("no training step was taken: the data yielded no usable batch")
-            if self._last is not None:
-                self._log(bar, wb)
-        finally:
-            bar.close()
-            if wb is not None:
-                wb.finish()
-        return self._finish(time.time() - t0)
+        self._bar = tqdm(total=self.cfg.n_tokens, initial=self.st.tokens, unit="tok", unit_scale=True, mininterval=0.5,
+                         desc=f"train {self.cfg.architecture}", disable=not self.run.progress or self.dist.rank != 0)
+        self._wb = open_wandb(self.cfg) if self.run.wandb and self.dist.rank == 0 else None
 
-    def _loop(self, bar: tqdm, wb: Any, t0: float) -> None:
-        for batch in self.source.batches(self.st.batch_index):
-            self.st.batch_index += 1
-            if not ckpt.finite(batch):
-                self.st.n_skipped += 1
-                self._check_nonfinite(final=False)
-                continue
-            self._step(batch)
-            bar.update(len(batch["x"]))
-            if self.st.step % self.run.log_every == 0:
-                self._log(bar, wb)
-            if self._checkpoint_due():
-                self._checkpoint(time.time() - t0)
-                self._last_ckpt = time.time()
-            if self.st.tokens >= self.cfg.n_tokens:
-                break
+    @property
+    def done(self) -> bool:
+        """True once ``n_tokens`` rows have been trained on."""
+        return self.st.tokens >= self.cfg.n_tokens
+
+    def feed(self, batch: dict[str, Any]) -> bool:
+        """Train on the next batch of the stream (skip it if not finite); returns :attr:`done`."""
+        self.st.batch_index += 1
+        if not ckpt.finite(batch):
+            self.st.n_skipped += 1
+            self._check_nonfinite(final=False)
+            return self.done
+        self._step(batch)
+        self._bar.update(len(batch["x"]))
+        if self.st.step % self.run.log_every == 0:
+            self._log(self._bar, self._wb)
+        if self._checkpoint_due():
+            self.checkpoint()
+        return self.done
+
+    def checkpoint(self) -> None:
+        """Write a checkpoint now (``out`` must be set)."""
+        self._checkpoint(time.time() - self._t0)
+        self._last_ckpt = time.time()
+
+    def end(self) -> Dictionary:
+        """Final checks and metrics; fold the input scale, save to ``out``; returns the dictionary."""
+        self._check_nonfinite(final=True)
+        if self.st.step == 0:
+            raise SteerscopeError("no training step was taken: the data yielded no usable batch")
+        if self._last is not None:
+            self._log(self._bar, self._wb)
+        self.close()
+        return self._finish(time.time() - self._t0)
+
+    def close(self) -> None:
+        """Close the progress bar and wandb (idempotent)."""
+        if getattr(self, "_bar", None) is not None:
+            self._bar.close()
+        if getattr(self, "_wb", None) is not None:
+            self._wb.finish()
+        self._bar = self._wb = None
 
     def _step(self, batch: dict[str, Any]) -> None:
         cfg, model = self.cfg, self.model

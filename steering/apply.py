@@ -14,6 +14,10 @@ nowhere else, whatever the mode ("generated" is refused). Under the KV cache tho
 only in the prompt pass, so decode passes add nothing; without the cache each full recomputation
 adds it at the same positions, and both give the same tokens.
 
+A :class:`~steering.inlp.Projection` (e.g. ``INLP.fit(...).at(site)``) goes in the same list: instead of
+adding, it replaces the activation x by ``x @ P`` (``(x - mean) @ P + mean`` when centred) at the positions
+the mode selects. Interventions at one site apply in list order.
+
 >>> with steer(model, [v], mode="all"):
 ...     logits = model(tokens)
 >>> texts = generate(model, ["She walked", "Mr. Darcy"], steer=[v], mode="prompt", max_new_tokens=20)
@@ -34,6 +38,7 @@ from probe.hooks import hooks
 from probe.sites import resolve_one
 from probe.tokens import encode_prompts, pad, real_mask
 from probe.twin import twin_of
+from steering.inlp import INLP, Projection
 from steering.vectors import SteeringVector, site_width
 
 Mode = Literal["prompt", "generated", "all"]
@@ -64,17 +69,23 @@ class Generation(NamedTuple):
     texts: list[str]  # decoded continuations (prompt not repeated, cut at EOS)
 
 
-def check_vectors(model, vectors, mode: Mode = "all") -> list[SteeringVector]:
-    """Validate vectors against the model (site exists, width matches, mode fits); return them (None: none)."""
+def check_vectors(model, vectors, mode: Mode = "all") -> list[SteeringVector | Projection]:
+    """Validate vectors and projections against the model (site exists, width matches, mode fits); return them
+    (None: none)."""
     if mode not in MODES:
         raise SteerscopeError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if vectors is None:
         return []
-    vectors = [vectors] if isinstance(vectors, SteeringVector) else list(vectors)
+    vectors = [vectors] if isinstance(vectors, SteeringVector | Projection | INLP) else list(vectors)
     out = []
     for v in vectors:
+        if isinstance(v, INLP):
+            raise SteerscopeError("an INLP erasure has no site: pass erasure.at(site) in steer=")
+        if isinstance(v, Projection):
+            out.append(_check_projection(model, v))
+            continue
         if not isinstance(v, SteeringVector):
-            raise SteerscopeError(f"steer= takes SteeringVector objects, got {type(v).__name__}")
+            raise SteerscopeError(f"steer= takes SteeringVector or Projection objects, got {type(v).__name__}")
         site = resolve_one(model, v.site)
         width = site_width(model, site)
         if width is not None and v.d != width:
@@ -90,10 +101,19 @@ def check_vectors(model, vectors, mode: Mode = "all") -> list[SteeringVector]:
     return out
 
 
+def _check_projection(model, p: Projection) -> Projection:
+    site = resolve_one(model, p.site)
+    width = site_width(model, site)
+    if width is not None and p.d != width:
+        raise SteerscopeError(f"{p!r} has width {p.d}, but {site} of this model has width {width}")
+    return p if site == p.site else Projection(site, p.P, p.mean, p.provenance)
+
+
 @contextmanager
 def steer(model, vectors, mode: Mode = "prompt", prompt_len: int | None = None,
           pad_left: Tensor | None = None, twin=None) -> Iterator[Positions]:
-    """Add each vector's ``coeff * tensor`` at its site while the body runs; hooks always removed.
+    """Add each vector's ``coeff * tensor`` (apply each projection) at its site while the body runs; hooks
+    always removed.
 
     Yields the :class:`Positions` the hooks read. Without ``prompt_len`` every position of a
     forward is a prompt position (``"generated"`` then needs ``prompt_len``).
@@ -113,8 +133,10 @@ def steer(model, vectors, mode: Mode = "prompt", prompt_len: int | None = None,
 _steer = steer  # ``generate`` takes a ``steer=`` argument that shadows the context manager
 
 
-def _make_hook(v: SteeringVector, mode: Mode, pos: Positions):
-    """A TL-style hook ``fn(activation, hook)`` adding ``v`` at the positions ``mode`` selects."""
+def _make_hook(v: SteeringVector | Projection, mode: Mode, pos: Positions):
+    """A TL-style hook ``fn(activation, hook)`` adding ``v`` (projecting by ``v``) at the positions ``mode`` selects."""
+    if isinstance(v, Projection):
+        return _projection_hook(v, mode, pos)
     cache: dict[tuple, Tensor] = {}
 
     def add_vector(t: Tensor) -> Tensor:
@@ -128,28 +150,44 @@ def _make_hook(v: SteeringVector, mode: Mode, pos: Positions):
             raise SteerscopeError(f"{v!r} has dimension {v.d}, but {v.site} gives activations of shape {tuple(t.shape)}")
         if v.positional:
             return _add_positional(t, add_vector(t), pos)
-        return _add_flat(t, add_vector(t), mode, pos)
+        add = add_vector(t)
+        return _edit_flat(t, lambda x: x + add, mode, pos)
 
     return fn
 
 
-def _add_flat(t: Tensor, add: Tensor, mode: Mode, pos: Positions) -> Tensor | None:
+def _projection_hook(p: Projection, mode: Mode, pos: Positions):
+    """A TL-style hook replacing the activation by ``p.apply(activation)`` at the positions ``mode`` selects."""
+    cache: dict[torch.device, Projection] = {}
+
+    def fn(t: Tensor, hook) -> Tensor | None:
+        if t.ndim != 3 or t.shape[-1] != p.d:
+            raise SteerscopeError(f"{p!r} has width {p.d}, but {p.site} gives activations of shape {tuple(t.shape)}")
+        if t.device not in cache:
+            cache[t.device] = p.to(t.device)
+        return _edit_flat(t, cache[t.device].apply, mode, pos)
+
+    return fn
+
+
+def _edit_flat(t: Tensor, edit, mode: Mode, pos: Positions) -> Tensor | None:
+    """``edit(t)`` at the columns ``mode`` selects, ``t`` elsewhere (None: nothing selected in this forward)."""
     n, P = t.shape[1], pos.prompt_len
     if P is None:  # the whole forward is prompt
         in_prompt_only = True
     elif pos.start >= P:  # a decode pass: every column is generated
-        return None if mode == "prompt" else t + add
+        return None if mode == "prompt" else edit(t)
     else:
         in_prompt_only = pos.start + n <= P
     if mode == "generated" and in_prompt_only:
         return None
     if pos.pad_left is None and (mode == "all" or in_prompt_only):
-        return t + add
+        return edit(t)
     cols = torch.arange(pos.start, pos.start + n, device=t.device)
     real = cols[None, :] >= (pos.pad_left[:, None] if pos.pad_left is not None else 0)
     prompt = cols[None, :] < (P if P is not None else pos.start + n)
     keep = {"prompt": real & prompt, "generated": ~prompt, "all": real}[mode]
-    return torch.where(keep[..., None], t + add, t)
+    return torch.where(keep[..., None], edit(t), t)
 
 
 def _add_positional(t: Tensor, add: Tensor, pos: Positions) -> Tensor | None:
@@ -187,8 +225,8 @@ def left_pad(model, prompts, chat: bool = False) -> tuple[Tensor, Tensor, Tensor
     return tokens, real_mask(lengths, tokens.shape[1], "left").to(dev), (tokens.shape[1] - lengths).to(dev)
 
 
-def generate(model, prompts: str | Sequence[str], steer: Sequence[SteeringVector] | None = (), mode: Mode = "prompt",
-             max_new_tokens: int = 40, temperature: float = 1.0, top_k: int | None = None,
+def generate(model, prompts: str | Sequence[str], steer: Sequence[SteeringVector | Projection] | None = (),
+             mode: Mode = "prompt", max_new_tokens: int = 40, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, do_sample: bool = False, seed: int | None = None,
              use_kv_cache: bool = True, stop_at_eos: bool = True, chat: bool = False) -> str | list[str]:
     """Generate continuations (the prompt is not repeated): a str for a str prompt (or one conversation), else a list.
@@ -203,7 +241,7 @@ def generate(model, prompts: str | Sequence[str], steer: Sequence[SteeringVector
 
 
 @torch.no_grad()
-def generate_tokens(model, prompts: str | Sequence[str], steer: Sequence[SteeringVector] | None = (),
+def generate_tokens(model, prompts: str | Sequence[str], steer: Sequence[SteeringVector | Projection] | None = (),
                     mode: Mode = "prompt", max_new_tokens: int = 40, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, do_sample: bool = False,
                     seed: int | None = None, use_kv_cache: bool = True, stop_at_eos: bool = True,
