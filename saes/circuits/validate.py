@@ -56,17 +56,33 @@ def predicted_ablations(g: Graph, features: Tensor) -> Tensor:
     return rel @ target
 
 
-def measured_ablations(model, tcs: Transcoders, g: Graph, features: Tensor) -> Tensor:
-    """[n] the real model's change of the de-meaned target logit when each feature's output is removed."""
+def measured_ablations(model, tcs: Transcoders, g: Graph, features: Tensor, freeze: bool = False) -> Tensor:
+    """[n] the real model's change of the de-meaned target logit when each feature's output is removed.
+
+    ``freeze``: attention patterns and LayerNorm scales stay at their values on the clean prompt (the graph's
+    assumption), the MLPs stay live; without it everything is live."""
     tokens = torch.tensor(g.tokens, dtype=torch.long)[None].to(model.cfg.device)
     v = int(g.logit_ids[0])
+    frozen = [n for n in model.hook_dict if n.endswith(("hook_scale", "attn.hook_pattern"))] if freeze else []
+    clean: dict[str, Tensor] = {}
+
+    def keep(name):
+        def fn(t, hook):
+            clean[name] = t.detach()
+        return fn
+
+    def replay(name):
+        def fn(t, hook):
+            return clean[name].expand_as(t)
+        return fn
 
     def centred(logits: Tensor) -> Tensor:
         last = logits[:, -1].double()
         return last[:, v] - last.mean(-1)
 
-    with torch.no_grad():
+    with torch.no_grad(), hooks(model, [(n, keep(n)) for n in frozen]):
         base = centred(model(tokens))
+    with torch.no_grad(), hooks(model, [(n, replay(n)) for n in frozen]):
         out = torch.empty(len(features), dtype=torch.float64)
         for L in sorted(set(int(g.features[f, 0]) for f in features)):
             rows = [i for i, f in enumerate(features.tolist()) if int(g.features[f, 0]) == L]
@@ -84,12 +100,18 @@ def measured_ablations(model, tcs: Transcoders, g: Graph, features: Tensor) -> T
 
 
 def ablation_check(model, tcs: Transcoders, g: Graph, n_top: int = 10) -> dict:
-    """Predicted vs measured ablation effects of the ``n_top`` most influential features of ``g``."""
+    """Predicted vs measured ablation effects of the ``n_top`` most influential features of ``g``: measured in
+    the live model and with attention and LayerNorm frozen (MLPs live)."""
     infl = g.influence()[: g.n_features]
     top = infl.argsort(descending=True)[: min(n_top, g.n_features)]
-    pred, meas = predicted_ablations(g, top), measured_ablations(model, tcs, g, top)
-    return {"features": top.tolist(), "predicted": pred.tolist(), "measured": meas.tolist(),
-            "spearman": spearman(pred, meas) if len(top) > 2 else float("nan")}
+    pred = predicted_ablations(g, top)
+    live, frozen = measured_ablations(model, tcs, g, top), measured_ablations(model, tcs, g, top, freeze=True)
+
+    def rho(m: Tensor) -> float:
+        return spearman(pred, m) if len(top) > 2 else float("nan")
+
+    return {"features": top.tolist(), "predicted": pred.tolist(), "measured": live.tolist(),
+            "measured_frozen": frozen.tolist(), "spearman": rho(live), "spearman_frozen": rho(frozen)}
 
 
 def virtual_weights(tcs: Transcoders, source_layer: int, target_layer: int) -> Tensor:
@@ -112,5 +134,5 @@ def virtual_weight_agreement(tcs: Transcoders, g: Graph, n_edges: int = 100) -> 
     for i, (ti, si) in enumerate(zip(t.tolist(), s.tolist(), strict=True)):
         Ls, _, fs = (int(x) for x in g.features[si])
         Lt, _, ft = (int(x) for x in g.features[ti])
-        vw[i] = float(g.activations[si]) * float(tcs[Ls].W_dec[fs].double() @ tcs[Lt].W_enc[:, ft].double())
+        vw[i] = float(g.activations[si]) * float(tcs[Ls].W_dec[fs].detach().double() @ tcs[Lt].W_enc[:, ft].detach().double())
     return spearman(prompt, vw)

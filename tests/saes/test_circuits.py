@@ -297,3 +297,27 @@ def test_bad_training_inputs_get_one_line(tiny_dense, tmp_path):
 def test_n_tokens_need_not_be_a_whole_number_of_batches(tiny_dense, tmp_path):
     tcs = _train(tiny_dense, tmp_path / "tc", n_tokens=1000, batch_size=128, layers=[1])
     assert tcs.layers == [1] and tcs[1].cfg.training["n_tokens_trained"] == 1024  # 8 whole batches
+
+
+def test_spearman_matches_a_hand_computed_rank_correlation():
+    from saes.circuits.validate import spearman
+
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spearman(x, x * 10 + 3) == pytest.approx(1.0) and spearman(x, -x) == pytest.approx(-1.0)
+    # d = rank differences (0, 0, 1, -1, 0): rho = 1 - 6 * 2 / (5 * 24) = 0.9
+    assert spearman(x, torch.tensor([1.0, 2.0, 4.0, 3.0, 5.0])) == pytest.approx(0.9)
+    assert spearman(torch.tensor([1.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, 2.0])) == pytest.approx(1.0)  # ties
+
+
+def test_ablation_predictions_are_exact_in_the_frozen_linear_regime(model64, graph64):
+    """A last-layer feature at the last position reaches the logit only directly: the prediction is minus its
+    edge, and the real model with attention and LayerNorm frozen measures exactly that."""
+    from saes.circuits.validate import measured_ablations, predicted_ablations
+
+    tcs, g = graph64
+    last = ((g.features[:, 0] == g.n_layers - 1) & (g.features[:, 1] == g.n_pos - 1)).nonzero()[:, 0]
+    pred = predicted_ablations(g, last)
+    assert torch.allclose(pred, -g.adjacency[0, last].double())  # row 0 is the top logit: -(direct edge)
+    assert torch.allclose(measured_ablations(model64, tcs, g, last, freeze=True), pred, rtol=0, atol=1e-9)
+    live = measured_ablations(model64, tcs, g, last)  # ln_final live: close, not equal
+    assert not torch.allclose(live, pred, rtol=0, atol=1e-9) and torch.allclose(live, pred, rtol=0.5, atol=0.1)
