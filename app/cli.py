@@ -155,12 +155,18 @@ def demo(
                               "smollm2-135m-instruct: the real pretrained model)"),
     site: str = typer.Option(None, help="hook the SAE reads (default: blocks.2.hook_resid_post on the Austen models, "
                              "the middle layer's hook_resid_post otherwise)"),
+    transcoders: bool = typer.Option(None, "--transcoders/--no-transcoders",
+                                     help="also train a transcoder per layer for the Circuit page (default: on "
+                                          "austen-dense, a few minutes; off elsewhere: SmolLM2's 30 layers take ~an hour)"),
+    tc_tokens: int = typer.Option(200_000, help="training tokens per layer's transcoder"),
 ) -> None:
     """The main job on the bundled model: cache activations, train a TopK SAE, evaluate it,
-    build the feature store, serve the dashboard on 127.0.0.1. Stages whose artifacts exist are reused."""
+    build the feature store, train per-layer transcoders, serve the dashboard on 127.0.0.1. Stages whose
+    artifacts exist are reused."""
     from app.demo import run_demo
 
-    summary = run_demo(out, n_tokens, d_sae=d_sae, k=k, serve=serve, port=port, model_name=model, site=site)
+    summary = run_demo(out, n_tokens, d_sae=d_sae, k=k, serve=serve, port=port, model_name=model, site=site,
+                       transcoders=transcoders, tc_tokens=tc_tokens)
     _echo_json(summary)
 
 

@@ -73,17 +73,22 @@ def app_cmd(
     device: str = typer.Option(None, help="cpu or cuda for the live pages"),
     models: str = typer.Option(None, help="comma-separated extra models the Experts page may offer (beside the "
                                "store's and the bundled ones); pages never take a typed model name or path"),
+    transcoders: Path = typer.Option(None, help="per-layer transcoders (steerscope transcoders) for the Circuit page"),
 ) -> None:
     """Serve the dashboard (Streamlit, headless) on http://HOST:PORT."""
     from app.store import FeatureStore
 
     FeatureStore.open(store)  # fail here, in one line, rather than in the browser
+    if transcoders is not None:
+        from saes.circuits import load_transcoders
+
+        load_transcoders(transcoders)
     args = [sys.executable, "-m", "app.serve", "run", str(DASHBOARD), "--server.headless", "true",
             "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
             "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal", "--theme.primaryColor", "#ea580c",
             "--"]
     for flag, value in (("--store", store), ("--dictionary", dictionary), ("--model", model), ("--vectors", vectors),
-                        ("--device", device), ("--models", models)):
+                        ("--device", device), ("--models", models), ("--transcoders", transcoders)):
         if value is not None:
             args += [flag, str(Path(value).resolve()) if isinstance(value, Path) else value]
     typer.echo(f"steerscope app: http://{host}:{port}  (Ctrl+C stops it)", err=True)

@@ -1,5 +1,5 @@
 """The steerscope dashboard (Streamlit): ``steerscope app --store DIR``, or
-``streamlit run app/dashboard.py -- --store DIR [--dictionary DIR] [--model NAME] [--device cpu]``.
+``streamlit run app/dashboard.py -- --store DIR [--dictionary DIR] [--model NAME] [--device cpu] [--transcoders DIR]``.
 
 This entry script checks the feature store (a friendly page, not a traceback, when it is missing,
 corrupt, or from another dictionary), then routes to one file per page under ``views/`` (deliberately not ``pages/``, which Streamlit would auto-discover and serve without
@@ -35,6 +35,9 @@ pages = {
         st.Page("views/steer.py", title="Steer", icon=":material/tune:", url_path="steer"),
         st.Page("views/experts.py", title="Experts", icon=":material/hub:", url_path="experts"),
         st.Page("views/patching.py", title="Patching", icon=":material/swap_horiz:", url_path="patching"),
+    ],
+    "Circuits": [
+        st.Page("views/circuit.py", title="Circuit", icon=":material/account_tree:", url_path="circuit"),
     ],
 }
 page = st.navigation(pages)

@@ -1,6 +1,6 @@
 """The main job, end to end on the bundled model, reusing whatever already exists under ``out``:
 
-model -> activations on disk -> TopK SAE -> evaluation -> feature store -> dashboard.
+model -> activations on disk -> TopK SAE -> evaluation -> feature store -> per-layer transcoders -> dashboard.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ MODEL = "austen-dense"
 
 
 def run_demo(out: Path, n_tokens: int = 100_000, d_sae: int = 4096, k: int = 32, serve: bool = True,
-             port: int = 8501, host: str = "127.0.0.1", model_name: str = MODEL, site: str | None = None) -> dict:
+             port: int = 8501, host: str = "127.0.0.1", model_name: str = MODEL, site: str | None = None,
+             transcoders: bool | None = None, tc_tokens: int = 200_000) -> dict:
     """Run every stage (each skipped when its artifact is already there) and serve the app."""
     from probe.models import load_model
     from probe.sites import resolve_one
@@ -39,20 +40,27 @@ def run_demo(out: Path, n_tokens: int = 100_000, d_sae: int = 4096, k: int = 32,
                       f"(bigram baseline {c['bigram_val_loss']:.3f}); artifacts in {out}")
     console.print("sample:", repr(generate(model, "It is a truth universally acknowledged", max_new_tokens=25,
                                             do_sample=True, temperature=0.8, seed=0)))
-    store = _stage(console, "1/5 cache activations", lambda: _cache(model, out / "acts", site, n_tokens))
-    sae = _stage(console, "2/5 train a TopK SAE", lambda: _train(store, out / "sae", site, d_sae, k, model_name))
-    metrics = _stage(console, "3/5 evaluate it", lambda: _evaluate(sae, model, out / "sae", site))
+    store = _stage(console, "1/6 cache activations", lambda: _cache(model, out / "acts", site, n_tokens))
+    sae = _stage(console, "2/6 train a TopK SAE", lambda: _train(store, out / "sae", site, d_sae, k, model_name))
+    metrics = _stage(console, "3/6 evaluate it", lambda: _evaluate(sae, model, out / "sae", site))
     _print_metrics(console, metrics, site)
-    meta = _stage(console, "4/5 build the feature store",
+    meta = _stage(console, "4/6 build the feature store",
                   lambda: _features(sae, model, store, out / "features", model_name))
+    if transcoders is None:  # every layer's transcoder: minutes on the Austen models, about an hour on SmolLM2
+        transcoders = model_name in ("austen-dense", "austen-moe") and getattr(model.cfg, "num_experts", None) is None
+    tc_dir = None
+    if transcoders:
+        tc_dir = out / "transcoders"
+        _stage(console, "5/6 train a transcoder per layer (for the Circuit page)",
+               lambda: _transcoders(model, tc_dir, tc_tokens, model_name))
     summary = {"store": str(out / "acts"), "dictionary": str(out / "sae"), "features": str(out / "features"),
-               "metrics": metrics, "n_features": meta.get("d_sae")}
+               "transcoders": str(tc_dir) if tc_dir else None, "metrics": metrics, "n_features": meta.get("d_sae")}
     if serve:
-        console.rule("5/5 serve the dashboard")
+        console.rule("6/6 serve the dashboard")
         from app.commands_app import app_cmd
 
         app_cmd(store=out / "features", port=port, host=host, dictionary=None, model=None, vectors=None, device="cpu",
-                models=None)
+                models=None, transcoders=tc_dir)
     return summary
 
 
@@ -101,6 +109,20 @@ def _features(sae, model, store, path: Path, model_name: str) -> dict:
 
     # the store records the dictionary's directory (sae/, relative to the run directory) and its eval.json
     return build_feature_store(sae, model, store, path, n_tokens=min(len(store), 50_000), model_ref=model_name)
+
+
+def _transcoders(model, path: Path, n_tokens: int, model_name: str):
+    from saes.circuits import load_transcoders, train_transcoders
+
+    if (path / "transcoders.json").exists():
+        return load_transcoders(path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="this run takes only")
+        return train_transcoders(model, "austen", path, n_tokens=n_tokens, d_sae=2048, k=16, batch_size=256,
+                                 n_ctx=min(model.cfg.n_ctx, 256), resume=(path / "layer_00").exists(),
+                                 corpus_spec="austen")
 
 
 def _print_metrics(console: Console, m: dict, site: str) -> None:

@@ -2,7 +2,7 @@
 
 Settings come from the command line after ``--`` (``streamlit run app/dashboard.py -- --store DIR``)
 or from the environment (``STEERSCOPE_STORE``, ``STEERSCOPE_DICTIONARY``, ``STEERSCOPE_MODEL``,
-``STEERSCOPE_DEVICE``, ``STEERSCOPE_VECTORS``); the command line wins.
+``STEERSCOPE_DEVICE``, ``STEERSCOPE_VECTORS``, ``STEERSCOPE_TRANSCODERS``); the command line wins.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ORANGE, BLUE, GREY = "#f97316", "#3b82f6", "#94a3b8"  # activations (white -> or
 ACT_SCALE = [[0.0, "#ffffff"], [1.0, ORANGE]]
 FEATURE_PAGE = "views/feature.py"
 MONO = "font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.86rem;"
-OPTIONS = ("store", "dictionary", "model", "device", "vectors", "models")
+OPTIONS = ("store", "dictionary", "model", "device", "vectors", "models", "transcoders")
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,7 @@ class Settings:
     device: str | None  # cpu or cuda (default: cuda when available)
     vectors: str | None  # a directory of saved steering vectors, offered on the Steer page
     models: str | None  # comma-separated extra model names a page may offer (the only models a browser can pick)
+    transcoders: str | None  # a directory of per-layer transcoders (steerscope transcoders), for the Circuit page
 
 
 def settings() -> Settings:
@@ -92,6 +93,19 @@ def _load_dictionary(path: str, device: str | None, store_path: str):
     d = load_dictionary(path, device=device or "cpu")
     FeatureStore.open(store_path).check_dictionary(d)
     return d
+
+
+@st.cache_resource(show_spinner="Loading the transcoders…", max_entries=2)
+def load_transcoders(path: str, device: str | None):
+    from saes.circuits import load_transcoders as _load
+
+    return _load(path).to(device or "cpu")
+
+
+def fingerprint_of(dictionary) -> str:
+    from saes.base import fingerprint
+
+    return fingerprint(dictionary)
 
 
 @st.cache_resource(show_spinner=False)

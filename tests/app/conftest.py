@@ -80,7 +80,7 @@ def _clear_streamlit_caches():
 @pytest.fixture
 def store_env(app_env, monkeypatch):
     """Point the app at the dense store (environment variables, as ``steerscope app`` does with flags)."""
-    for name in ("DICTIONARY", "MODEL", "DEVICE", "VECTORS"):
+    for name in ("DICTIONARY", "MODEL", "DEVICE", "VECTORS", "TRANSCODERS"):
         monkeypatch.delenv(f"STEERSCOPE_{name}", raising=False)
     monkeypatch.setenv("STEERSCOPE_STORE", str(app_env["store"]))
     monkeypatch.setenv("STEERSCOPE_DEVICE", "cpu")

@@ -293,3 +293,55 @@ def test_meta_records_the_eval_history_and_dictionary(store_env):
     assert meta["eval"] == EVAL and len(meta["history"]) == 5
     assert meta["dictionary_path"] == "../sae"  # store and dictionary share one run directory: relative
     assert meta["dictionary_path_abs"] == str(store_env["sae"].resolve())
+
+
+# ------------------------------------------------------------------ circuit
+def test_circuit_page_without_transcoders_says_how_to_get_them(store_env):
+    at = open_app("circuit")
+    assert titles(at) == ["Circuit"]
+    assert "steerscope transcoders" in texts(at.info)
+
+
+@pytest.fixture
+def transcoders_env(store_env, tmp_path, monkeypatch):
+    import warnings
+
+    from probe.models import load_model
+    from saes.circuits import train_transcoders
+
+    model = load_model(str(store_env["dense"]), device="cpu")
+    texts_ = ["Elizabeth walked to Netherfield through the mud and arrived with her petticoat six inches deep."] * 40
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        train_transcoders(model, texts_, tmp_path / "tc", n_tokens=512, d_sae=32, k=4, batch_size=128, n_ctx=16,
+                          progress=False)
+    monkeypatch.setenv("STEERSCOPE_TRANSCODERS", str(tmp_path / "tc"))
+    return model, tmp_path / "tc"
+
+
+def test_circuit_page_shows_the_graph_the_library_builds(transcoders_env):
+    from saes.circuits import load_transcoders
+    from saes.circuits.attribution import attribute
+
+    model, path = transcoders_env
+    at = open_app("circuit")
+    g = attribute(model, load_transcoders(path), "Mr. Darcy bowed to Elizabeth and said that he", max_feature_nodes=1000)
+    data = g.to_json(0.8, 0.98)
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["replacement"] == f"{g.scores['replacement']:.3f}"
+    assert shown["completeness"] == f"{g.scores['completeness']:.3f}"
+    assert shown["nodes · links kept"] == f"{len(data['nodes'])} · {len(data['links'])}"
+    table = frame(at, "influence")
+    assert len(table) == sum(n["feature_type"] == "cross layer transcoder" for n in data["nodes"])
+    assert at.selectbox(key="circuit_pick").value == table["node"].iloc[0]  # the most influential feature first
+    at.text_input(key="circuit_prompt").set_value("   ")
+    next(b for b in at.button if b.label == "Trace").click().run()
+    assert "empty" in texts(at.error)  # one clear line, no traceback
+
+
+def test_circuit_page_refuses_transcoders_of_another_model(store_env, tmp_path, monkeypatch):
+    (tmp_path / "tc").mkdir()
+    (tmp_path / "tc" / "transcoders.json").write_text("{broken")
+    monkeypatch.setenv("STEERSCOPE_TRANSCODERS", str(tmp_path / "tc"))
+    at = open_app("circuit")
+    assert "unavailable" in texts(at.error) and "damaged" in texts(at.error)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from app.cli import app
 
-DEMO_ARGS = ["--n-tokens", "20000", "--d-sae", "512", "--k", "16", "--no-serve"]
+DEMO_ARGS = ["--n-tokens", "20000", "--d-sae", "512", "--k", "16", "--tc-tokens", "4096", "--no-serve"]
 
 
 def run_demo(out: Path, *extra: str):
@@ -19,7 +19,8 @@ def run_demo(out: Path, *extra: str):
 
 @pytest.fixture(scope="session")
 def demo_runs(tmp_path_factory) -> dict[str, Path]:
-    """{"dense": run dir, "moe": run dir}, each holding acts/, sae/ (with eval.json) and features/."""
+    """{"dense": run dir, "moe": run dir}, each holding acts/, sae/ (with eval.json) and features/ (dense: also
+    transcoders/, one per layer)."""
     root = tmp_path_factory.mktemp("demo")
     runs = {"dense": root / "dense", "moe": root / "moe"}
     for name, model in (("dense", "austen-dense"), ("moe", "austen-moe")):

@@ -42,7 +42,8 @@ def page():
 
 @pytest.fixture(scope="module")
 def dense_app(demo_runs, tmp_path_factory):
-    with serve(STEERSCOPE_CLI, demo_runs["dense"] / "features", tmp_path_factory.mktemp("dense") / "app.log") as url:
+    with serve(STEERSCOPE_CLI, demo_runs["dense"] / "features", tmp_path_factory.mktemp("dense") / "app.log",
+               "--transcoders", str(demo_runs["dense"] / "transcoders")) as url:
         yield url
 
 
@@ -178,3 +179,26 @@ def test_experts_page_on_the_moe_demo_store(page, demo_runs, tmp_path_factory, s
         assert page.locator("div.ss-gen").count() == 2
         assert page.get_by_text(f"ExpertSwitch(off=[{top}], force=[])", exact=True).count() == 1
         page.screenshot(path=str(shots / "main-experts.png"), full_page=True)
+
+
+def test_circuit_page_traces_the_prompt_as_the_library_does(page, dense_app, demo_runs, dense, shots):
+    from saes.circuits import load_transcoders
+    from saes.circuits.attribution import attribute
+
+    visit(page, f"{dense_app}/circuit")
+    settle(page)
+    shown = metrics(page)
+    g = attribute(dense, load_transcoders(demo_runs["dense"] / "transcoders"), "Mr. Darcy bowed to Elizabeth and said "
+                  "that he", max_feature_nodes=1000)
+    data = g.to_json(0.8, 0.98)
+    assert float(shown["replacement"]) == pytest.approx(g.scores["replacement"], abs=1e-3)
+    assert float(shown["completeness"]) == pytest.approx(g.scores["completeness"], abs=1e-3)
+    assert shown["active features"] == f"{g.n_features:,}"
+    assert shown["nodes · links kept"] == f"{len(data['nodes'])} · {len(data['links'])}"
+    traces = plot_data(page)
+    drawn = sum(len(t["x"]) for t in traces if t["text"] is None and t["z"] is None and None not in (t["x"] or [None]))
+    assert drawn == len(data["nodes"])  # every kept node is a marker (edges are the traces with None breaks)
+    assert page.get_by_text("Features in the pruned graph").count() == 1
+    assert page.get_by_text("De-embedding").count() == 1
+    no_exception(page)
+    page.screenshot(path=str(shots / "main-circuit.png"), full_page=True)
