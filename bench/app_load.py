@@ -70,10 +70,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve_app(store: Path, log: Path, timeout: float = 90.0) -> Iterator[str]:
-    """``steerscope app --store STORE`` on a free 127.0.0.1 port until its health check says ok; yields the URL."""
+def serve_app(store: Path, log: Path, *extra: str, cmd_prefix: list[str] | None = None,
+              timeout: float = 90.0) -> Iterator[str]:
+    """``CMD_PREFIX app --store STORE --port P --device cpu EXTRA...`` (default prefix: ``python -m app.cli``, the
+    ``steerscope`` entry point) on a free 127.0.0.1 port until its health check says ok; yields the URL."""
     port = free_port()
-    cmd = [sys.executable, "-m", "app.cli", "app", "--store", str(store), "--port", str(port), "--device", "cpu"]
+    cmd = [*(cmd_prefix or [sys.executable, "-m", "app.cli"]), "app", "--store", str(store), "--port", str(port),
+           "--device", "cpu", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
@@ -84,7 +87,7 @@ def serve_app(store: Path, log: Path, timeout: float = 90.0) -> Iterator[str]:
                 if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
                     break
             if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"the app did not start (exit {proc.poll()}): {log.read_text()[-2000:]}")
+                raise RuntimeError(f"the app did not start (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
             time.sleep(0.3)
         yield url
     finally:

@@ -5,12 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,39 +18,21 @@ skip_without_browser = pytest.mark.skipif(os.environ.get("STEERSCOPE_SKIP_BROWSE
                                           reason="STEERSCOPE_SKIP_BROWSER=1")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serve(cmd_prefix: list[str], store: Path, log: Path, *extra: str):
-    """``cmd_prefix + [app, --store, STORE, --port, P, ...]`` until /_stcore/health says ok; yields the URL."""
-    port = free_port()
-    cmd = [*cmd_prefix, "app", "--store", str(store), "--port", str(port), "--device", "cpu", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 90
+    """``cmd_prefix + [app, --store, STORE, --port, P, ...]`` until /_stcore/health says ok; yields the URL
+    (``bench.app_load.serve_app``; a server that does not start fails the test with its log)."""
+    from bench.app_load import serve_app
+
+    server = serve_app(store, log, *extra, cmd_prefix=cmd_prefix)
     try:
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"the app did not start (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
-            time.sleep(0.3)
+        url = server.__enter__()
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    try:
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        server.__exit__(None, None, None)
 
 
 STEERSCOPE_CLI = [sys.executable, "-m", "app.cli"]  # the console script's entry point, app.cli:main
