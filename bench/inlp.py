@@ -17,25 +17,33 @@ encode "am I inside a quotation?" to predict the closing quote and the register 
    after a random projection of the same rank (the honest number): a logistic probe (what INLP guards
    against) and a one-hidden-layer MLP (what it does not); the share of test-row activation variance kept.
 4. LM loss on test-split contexts (``--loss-tokens``): mean next-token cross-entropy in nats (the prediction
-   made at the context-start token left out), with the projection at the site at every position (mode
-   "all") and without, overall and by the target token's class (speech, narration, quote marks); and the same
-   for ``--n-random`` seeded random projections of the same rank, so the cost is measured against removing
+   made at the context-start token left out), overall and by the target token's class (speech, narration,
+   quote marks), without and with the projection at the site at every position (``steer``, mode "all"), and
+   again with the first position spared (its residual is the attention sink's, two orders of magnitude
+   larger than the others': a projection fitted on ordinary tokens moves it far); and the same for
+   ``--n-random`` seeded random projections of the same rank, so the cost is measured against removing
    arbitrary directions.
 5. Generation: the prompts of ``bench/data/inlp_prompts.json`` (some end inside an open quote), greedy,
-   ``--new-tokens`` tokens, unsteered, with the INLP projection and with the first random projection (mode
-   "all"); the texts and the share of labelled generated tokens that are speech.
+   ``--new-tokens`` tokens: unsteered, with the INLP projection and with the first random projection, each at
+   every position (``generate``, mode "all") and with the prompt's first token (the sink) spared
+   (``greedy_spared``); the texts, the share of labelled generated tokens that are speech, and the rate of
+   first/second-person words (speech's register, which a continuation can take without any quote mark).
+6. The wall time of each part (``times_s``).
 
     python -m bench.inlp                              # SmolLM2-135M-Instruct, blocks.15.hook_resid_post
     python -m bench.inlp --rows 1000 --test-rows 500 --loss-tokens 1016 --new-tokens 10     # a quick look
 
 SmolLM2-135M-Instruct is the packaged Q4_1 GGUF, dequantized to float32 on load. Prints one JSON object
-(``--out`` also writes it to a file); ``times_s`` holds the wall time of each part.
+(``--out`` also writes it to a file).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
+import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -211,24 +219,41 @@ def variance_kept(X: Tensor, proj) -> float:
     return round(float(Y.var(0).sum() / X.double().var(0).sum()), 4)
 
 
-def lm_loss(model, twin, tokens: Tensor, labels: Tensor, batch_size: int, proj=None) -> dict[str, float]:
-    """Mean next-token CE (nats) over the contexts, with ``proj`` at every position when given; overall and
-    by the class of the target token. The prediction made at the context-start token is left out."""
+def projected(model, twin, proj, spare_first: bool):
+    """A context in which the forward passes run with ``proj`` at every position (``steer``, mode "all"), or
+    at every position but the first (``spare_first``: the attention sink, whose residual norm dwarfs the
+    others', keeps its own activation); no-op when ``proj`` is None. Full contexts only (no KV cache)."""
+    from probe.hooks import hooks
     from steering.apply import steer
 
+    if proj is None:
+        return contextlib.nullcontext()
+    if not spare_first:
+        return steer(model, [proj], mode="all", twin=twin)
+
+    def fn(t: Tensor, hook) -> Tensor:
+        out = proj.apply(t)
+        out[:, 0] = t[:, 0]
+        return out
+
+    return twin.hooks([(proj.site, fn)]) if twin is not None else hooks(model, [(proj.site, fn)])
+
+
+def lm_loss(model, twin, tokens: Tensor, labels: Tensor, batch_size: int, proj=None,
+            spare_first: bool = False) -> dict[str, float]:
+    """Mean next-token CE (nats) over the contexts, under ``projected(...)``; overall and by the class of the
+    target token. The prediction made at the context-start token is left out."""
     total = {k: 0.0 for k in ("all", *GROUPS)}
     count = dict.fromkeys(total, 0)
     for i in range(0, len(tokens), batch_size):
-        tok, lab = tokens[i:i + batch_size], labels[i:i + batch_size, 2:]
-        with torch.no_grad(), steer(model, [proj] if proj is not None else [], mode="all", twin=twin):
+        tok, lab = tokens[i:i + batch_size], labels[i:i + batch_size, 2:].flatten()
+        with torch.no_grad(), projected(model, twin, proj, spare_first):
             logits = logits_of(model, twin, tok)[:, 1:-1].float().cpu()
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tok[:, 2:].flatten(), reduction="none")
         total["all"], count["all"] = total["all"] + float(ce.sum()), count["all"] + ce.numel()
         for name, c in GROUPS.items():
-            keep = lab.flatten() == c
-            total[name], count[name] = total[name] + float(ce[keep].sum()), count[name] + int(keep.sum())
-    return {k: round(total[k] / count[k], 4) if count[k] else float("nan") for k in total} | \
-        {f"n_{k}": count[k] for k in total}
+            total[name], count[name] = total[name] + float(ce[lab == c].sum()), count[name] + int((lab == c).sum())
+    return {k: round(total[k] / count[k], 4) if count[k] else float("nan") for k in total}
 
 
 def speech_share(prompt: str, text: str, tokenizer) -> tuple[int, int]:
@@ -240,28 +265,62 @@ def speech_share(prompt: str, text: str, tokenizer) -> tuple[int, int]:
     return sum(lab == SPEECH for lab in new), len(new)
 
 
-def generations(model, arms: dict, prompts: dict[str, list[str]], new_tokens: int) -> dict:
-    """Greedy continuations of every prompt under each arm; per arm the texts and the speech share by group."""
+def person_rate(text: str, words: set[str]) -> tuple[int, int]:
+    """(first/second-person words, words) in ``text``: the register of speech, which needs no quote marks."""
+    found = re.findall(r"[a-z]+(?:'[a-z]+)?", text.lower())
+    return sum(w in words for w in found), len(found)
+
+
+def greedy_spared(model, twin, prompts: Sequence[str], proj, new_tokens: int, spare_first: bool = True) -> list[str]:
+    """Greedy continuations under ``projected(..., spare_first)``, one prompt at a time and without a KV cache
+    (each step recomputes the whole sequence, so position 0 is always the prompt's first token, the sink).
+    With ``spare_first=False`` it gives ``generate(..., mode="all")``'s tokens (the test checks it)."""
+    from probe.tokens import encode
+
+    eos, texts = model.tokenizer.eos_token_id, []
+    for prompt in prompts:
+        ids, new = encode(model, prompt)[None], []
+        with torch.no_grad(), projected(model, twin, proj, spare_first):
+            for _ in range(new_tokens):
+                nxt = int(logits_of(model, twin, ids)[0, -1].argmax())
+                if nxt == eos:
+                    break
+                new.append(nxt)
+                ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+        texts.append(model.tokenizer.decode(new))
+    return texts
+
+
+def generations(model, twin, arms: dict, prompts: dict[str, list[str]], person_words: set[str],
+                new_tokens: int) -> dict:
+    """Greedy continuations of every prompt under each arm, ``name -> (projection or None, spare_first)``;
+    per arm the texts and, by prompt group, the speech share and the first/second-person word rate."""
     from steering.apply import generate
 
     flat = [(group, p) for group, ps in prompts.items() for p in ps]
     out = {}
-    for arm, steer in arms.items():
-        texts = generate(model, [p for _, p in flat], steer=steer, mode="all", max_new_tokens=new_tokens)
-        share = {}
+    for arm, (proj, spare) in arms.items():
+        if spare:
+            texts = greedy_spared(model, twin, [p for _, p in flat], proj, new_tokens)
+        else:
+            texts = generate(model, [p for _, p in flat], steer=[proj] if proj else [], mode="all",
+                             max_new_tokens=new_tokens)
+        share, person = {}, {}
         for group in prompts:
-            counts = [speech_share(p, t, model.tokenizer) for (g, p), t in zip(flat, texts, strict=True) if g == group]
-            s, n = sum(c[0] for c in counts), sum(c[1] for c in counts)
-            share[group] = round(s / n, 4) if n else None
-        out[arm] = {"speech_share": share, "texts": [{"group": g, "prompt": p, "text": t}
-                                                     for (g, p), t in zip(flat, texts, strict=True)]}
+            pairs = [(p, t) for (g, p), t in zip(flat, texts, strict=True) if g == group]
+            s = [speech_share(p, t, model.tokenizer) for p, t in pairs]
+            w = [person_rate(t, person_words) for _, t in pairs]
+            share[group] = round(sum(c[0] for c in s) / sum(c[1] for c in s), 4) if sum(c[1] for c in s) else None
+            person[group] = round(sum(c[0] for c in w) / sum(c[1] for c in w), 4) if sum(c[1] for c in w) else None
+        out[arm] = {"speech_share": share, "person_rate": person,
+                    "texts": [{"group": g, "prompt": p, "text": t} for (g, p), t in zip(flat, texts, strict=True)]}
     return out
 
 
 # --- the run -------------------------------------------------------------------------------------
 
 def run(model="smollm2-135m-instruct", site: str = "blocks.15.hook_resid_post", *, rows: int = 4000,
-        test_rows: int = 2000, per_context: int = 16, n_ctx: int = 128, n_iter: int = 15, loss_tokens: int = 4064,
+        test_rows: int = 2000, per_context: int = 16, n_ctx: int = 128, n_iter: int = 20, loss_tokens: int = 8128,
         n_random: int = 3, new_tokens: int = 30, batch_size: int = 8, seed: int = 0,
         train_texts: Sequence[str] | None = None, test_texts: Sequence[str] | None = None,
         prompts: dict[str, list[str]] | None = None) -> dict:
@@ -281,7 +340,9 @@ def run(model="smollm2-135m-instruct", site: str = "blocks.15.hook_resid_post", 
     twin = twin_of(model, [site])
     train_texts = load_corpus("austen", split="train") if train_texts is None else train_texts
     test_texts = load_corpus("austen", split="test") if test_texts is None else test_texts
-    prompts = prompts or {k: v for k, v in json.loads(PROMPTS_FILE.read_text()).items() if k != "about"}
+    data = json.loads(PROMPTS_FILE.read_text())
+    prompts = prompts or {"speech": data["speech"], "narration": data["narration"]}
+    person_words = set(data["person_words"])
     times["load"], t = _lap(t0), time.perf_counter()
 
     Xtr, ytr, ctx_tr = collect_rows(model, twin, site, contexts(model, train_texts, n_ctx, seed), rows,
@@ -305,8 +366,10 @@ def run(model="smollm2-135m-instruct", site: str = "blocks.15.hook_resid_post", 
     loss = loss_section(model, twin, test_texts, n_ctx, loss_tokens, batch_size, proj, randoms)
     times["lm_loss"], t = _lap(t), time.perf_counter()
 
-    arms = {"none": [], "inlp": [proj], **({"random": [randoms[0]]} if randoms else {})}
-    gen = generations(model, arms, prompts, new_tokens)
+    arms = {"none": (None, False), "inlp": (proj, False), "inlp_sink_spared": (proj, True)}
+    if randoms:
+        arms |= {"random": (randoms[0], False), "random_sink_spared": (randoms[0], True)}
+    gen = generations(model, twin, arms, prompts, person_words, new_tokens)
     times["generation"] = _lap(t)
     times["total"] = _lap(t0)
     return {"model": name, "weights": _weights_note(name, PACKAGED), "site": site, "concept": "speech vs narration",
@@ -321,24 +384,29 @@ def run(model="smollm2-135m-instruct", site: str = "blocks.15.hook_resid_post", 
 
 
 def loss_section(model, twin, texts, n_ctx: int, loss_tokens: int, batch_size: int, proj, randoms) -> dict:
-    """CE without and with each projection on the first ``loss_tokens // (n_ctx - 1)`` test contexts (corpus order)."""
-    ctxs = list(_take(contexts(model, texts, n_ctx, None), max(1, loss_tokens // (n_ctx - 1))))
+    """CE without and with each projection on the first ``loss_tokens // (n_ctx - 1)`` test contexts (corpus
+    order): at every position ("all_positions") and with the first position spared ("sink_spared")."""
+    ctxs = list(itertools.islice(contexts(model, texts, n_ctx, None), max(1, loss_tokens // (n_ctx - 1))))
+    if not ctxs:
+        raise SteerscopeError(f"the test text gives no context of {n_ctx} tokens for the LM loss")
     tokens, labels = torch.stack([c[0] for c in ctxs]), torch.stack([c[1] for c in ctxs])
     base = lm_loss(model, twin, tokens, labels, batch_size)
-    inlp = lm_loss(model, twin, tokens, labels, batch_size, proj)
-    rand = [lm_loss(model, twin, tokens, labels, batch_size, r) for r in randoms]
-    out = {"contexts": len(tokens), "predictions": base["n_all"], "none": base, "inlp": inlp,
-           "delta_inlp": {k: round(inlp[k] - base[k], 4) for k in ("all", *GROUPS)}}
-    if rand:
-        out["random"] = rand
-        out["delta_random_mean"] = {k: round(float(np.mean([r[k] for r in rand])) - base[k], 4)
-                                    for k in ("all", *GROUPS)}
+    flat = labels[:, 2:].flatten()
+    out = {"contexts": len(tokens), "predictions": int(flat.numel()),
+           "targets": {k: int((flat == c).sum()) for k, c in GROUPS.items()}, "none": base}
+    for variant, spare in (("all_positions", False), ("sink_spared", True)):
+        inlp = lm_loss(model, twin, tokens, labels, batch_size, proj, spare)
+        rand = [lm_loss(model, twin, tokens, labels, batch_size, r, spare) for r in randoms]
+        part = {"inlp": inlp, "delta_inlp": _delta(inlp, base)}
+        if rand:
+            mean = {k: float(np.mean([r[k] for r in rand])) for k in base}
+            part |= {"random": rand, "delta_random_mean": _delta(mean, base)}
+        out[variant] = part
     return out
 
 
-def _take(it: Iterator, n: int) -> Iterator:
-    for _, item in zip(range(n), it, strict=False):
-        yield item
+def _delta(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: round(a[k] - b[k], 4) for k in b}
 
 
 def _lap(t: float) -> float:
@@ -360,8 +428,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--test-rows", type=int, default=2000, help="balanced test-split rows for the fresh probes")
     ap.add_argument("--per-context", type=int, default=16, help="at most this many rows of each class per context")
     ap.add_argument("--n-ctx", type=int, default=128, help="context length, the context-start token included")
-    ap.add_argument("--n-iter", type=int, default=15, help="INLP iterations (probes) at most")
-    ap.add_argument("--loss-tokens", type=int, default=4064, help="test-split tokens for the LM loss")
+    ap.add_argument("--n-iter", type=int, default=20, help="INLP iterations (probes) at most")
+    ap.add_argument("--loss-tokens", type=int, default=8128, help="test-split tokens for the LM loss")
     ap.add_argument("--n-random", type=int, default=3, help="random projections of the same rank (the control)")
     ap.add_argument("--new-tokens", type=int, default=30, help="greedy tokens generated per prompt")
     ap.add_argument("--batch-size", type=int, default=8)
