@@ -9,7 +9,8 @@ generated tokens (steered and unsteered, every mode) against the HookedTransform
 
 Mapped sites (Llama family), per layer L: ``hook_resid_pre`` (the decoder layer's input), ``hook_resid_post``
 (its output), ``hook_attn_out`` (``self_attn``'s output), ``hook_resid_mid`` (``post_attention_layernorm``'s
-input), ``hook_mlp_out`` (``mlp``'s output), ``mlp.hook_post`` (``mlp.down_proj``'s input). Any other site,
+input), ``ln2.hook_normalized`` (that input divided by its RMS, before the gain: what a transcoder reads),
+``hook_mlp_out`` (``mlp``'s output), ``mlp.hook_post`` (``mlp.down_proj``'s input). Any other site,
 a model without a twin, a model with a hook of its own active (e.g. inside ``probe.hooks.hooks`` or
 ``model.hooks``), or ``STEERSCOPE_TWIN=0`` uses the HookedTransformer, unchanged.
 """
@@ -27,7 +28,7 @@ from torch import Tensor
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 _SITE = re.compile(r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_post|hook_attn_out|hook_resid_mid|hook_mlp_out|"
-                   r"mlp\.hook_post)$")
+                   r"mlp\.hook_post|ln2\.hook_normalized)$")
 HookFn = Callable[[Tensor, Any], Tensor | None]  # TL-style: fn(activation, hook) -> replacement or None
 
 
@@ -44,20 +45,23 @@ class Twin:
 
     def last(self, sites: Sequence[str]) -> str:
         """The site a forward reaches last (stopping right after it still fills every site)."""
-        order = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+        order = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_post", "hook_mlp_out",
+                 "hook_resid_post")
         return max(sites, key=lambda s: (int(_SITE.match(s).group(1)), order.index(_SITE.match(s).group(2))))
 
     def supports(self, sites: Sequence[str]) -> bool:
         return all(_SITE.match(s) and int(_SITE.match(s).group(1)) < len(self.layers) for s in sites)
 
-    def _target(self, site: str) -> tuple[torch.nn.Module, bool]:
-        """(module, pre): the activation is the module's first input (pre) or its output."""
+    def _target(self, site: str) -> tuple[torch.nn.Module, bool | str]:
+        """(module, where): the activation is the module's first input (True), its output (False), or (``"norm"``)
+        the RMS-normalised input before the module's gain (TL's RMSNorm ``hook_normalized``)."""
         m = _SITE.match(site)
         if m is None:
             raise KeyError(site)
         layer, name = self.layers[int(m.group(1))], m.group(2)
         return {"hook_resid_pre": (layer, True), "hook_resid_post": (layer, False),
                 "hook_attn_out": (layer.self_attn, False), "hook_resid_mid": (layer.post_attention_layernorm, True),
+                "ln2.hook_normalized": (layer.post_attention_layernorm, "norm"),
                 "hook_mlp_out": (layer.mlp, False), "mlp.hook_post": (layer.mlp.down_proj, True)}[name]
 
     @contextlib.contextmanager
@@ -67,12 +71,13 @@ class Twin:
         handles = []
         try:
             for site, fn in pairs:
-                module, pre = self._target(site)
-                handles.append(module.register_forward_pre_hook(_pre(fn), with_kwargs=True) if pre
+                module, where = self._target(site)
+                handles.append(module.register_forward_hook(_norm(fn)) if where == "norm"
+                               else module.register_forward_pre_hook(_pre(fn), with_kwargs=True) if where
                                else module.register_forward_hook(_post(fn)))
             if stop_after is not None:
-                module, pre = self._target(stop_after)
-                handles.append(module.register_forward_pre_hook(_raise, with_kwargs=True) if pre
+                module, where = self._target(stop_after)
+                handles.append(module.register_forward_pre_hook(_raise, with_kwargs=True) if where is True
                                else module.register_forward_hook(_raise_post))
             yield
         finally:
@@ -126,6 +131,19 @@ def _post(fn: HookFn):
         if out is None:
             return None
         return (out, *output[1:]) if isinstance(output, tuple) else out
+    return hook
+
+
+def _norm(fn: HookFn):
+    """On an RMSNorm: fn sees x / rms(x) (before the gain, as TL's hook_normalized); a returned tensor r makes
+    the module's output gain * r."""
+    def hook(module, args, output):
+        x = args[0]
+        eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+        xf = x.float()
+        normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+        out = fn(normed, None)
+        return None if out is None else module.weight * out.to(x.dtype)
     return hook
 
 

@@ -38,6 +38,7 @@ from probe.hooks import capture
 from probe.locks import dir_lock
 from probe.store import contexts
 from probe.store_files import atomic_write
+from probe.twin import twin_of
 from saes import checkpoint as ckpt
 from saes.base import Dictionary, load_dictionary
 from saes.run_dir import check_out, clear_old
@@ -152,10 +153,16 @@ class LayerStream:
             return self._chunk[1]
         ctx = self.tokens[c * self.chunk_contexts: (c + 1) * self.chunk_contexts]
         parts: dict[str, list[torch.Tensor]] = {s: [] for s in self.sites}
-        stop = max(self.layers) + 1
-        with torch.no_grad(), capture(self.model, self.sites) as acts:
+        twin = twin_of(self.model, self.sites)  # transformers' own modules when they map every site (probe.twin)
+        if twin is not None:
+            last = twin.last(self.sites)
+            grab, run = twin.capture(self.sites), (lambda batch: twin.forward(batch, stop_after=last))
+        else:
+            stop = max(self.layers) + 1
+            grab, run = capture(self.model, self.sites), (lambda batch: forward_to(self.model, batch, stop))
+        with torch.no_grad(), grab as acts:
             for b in range(0, len(ctx), self.forward_batch):
-                forward_to(self.model, ctx[b: b + self.forward_batch].to(self.model.cfg.device), stop)
+                run(ctx[b: b + self.forward_batch].to(self.model.cfg.device))
                 for s in self.sites:
                     parts[s].append(acts[s][:, 1:].reshape(-1, acts[s].shape[-1]).float().cpu())
         gen = torch.Generator().manual_seed((self.seed * 1_000_003 + c) % 2**63)

@@ -15,7 +15,8 @@ from steering.apply import generate_tokens
 from tests.probe.tiny_gguf import write_tiny_llama
 
 SITES = [f"blocks.{L}.{s}" for L in (0, 1) for s in
-         ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")]
+         ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "ln2.hook_normalized", "mlp.hook_post", "hook_mlp_out",
+          "hook_resid_post")]
 PROMPTS = ["Mr. Darcy said nothing; Elizabeth laughed and", "She walked into the room", "It is a truth universally"]
 
 
@@ -44,7 +45,7 @@ def test_every_mapped_site_equals_the_hooked_transformers(llama):
 
 
 def test_unmapped_sites_and_the_switch_fall_back_to_the_hooked_transformer(llama, monkeypatch):
-    assert twin_of(llama, ["blocks.0.ln2.hook_normalized"]) is None
+    assert twin_of(llama, ["blocks.0.ln1.hook_normalized"]) is None
     assert twin_of(llama, ["blocks.7.hook_resid_post"]) is None  # no such layer
     monkeypatch.setenv("STEERSCOPE_TWIN", "0")
     assert twin_of(llama, SITES[:1]) is None
@@ -113,3 +114,39 @@ def test_a_users_own_hook_on_the_hooked_transformer_keeps_generation_on_it(llama
         generate_tokens(llama, PROMPTS[:1], max_new_tokens=2)
     assert len(calls) == 2  # the user's hook ran on both forwards
     assert twin_of(llama) is not None  # and the twin is back once it is removed
+
+
+def test_steering_the_normalized_mlp_input_on_the_twin_equals_the_hooked_transformers(llama):
+    """A replacement at ln2.hook_normalized (gain applied after it, as TL's RMSNorm does) changes the output alike."""
+    site = "blocks.1.ln2.hook_normalized"
+    twin = twin_of(llama, [site])
+    ids = llama.to_tokens(PROMPTS[0])
+    bump = torch.randn(llama.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), hooks_on(llama, site, lambda t, hook: t + bump):
+        ref = llama(ids)
+    with torch.no_grad(), twin.hooks([(site, lambda t, hook: t + bump)]):
+        got = twin.forward(ids)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+def test_transcoders_streamed_on_the_twin_equal_those_streamed_on_the_hooked_transformer(llama, tmp_path, monkeypatch):
+    import warnings
+
+    from saes.circuits import train_transcoders
+
+    texts = [" ".join(PROMPTS) * 4] * 30
+    kw = dict(n_tokens=512, d_sae=16, k=4, batch_size=128, n_ctx=16, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fast = train_transcoders(llama, texts, tmp_path / "twin", **kw)
+        monkeypatch.setenv("STEERSCOPE_TWIN", "0")
+        slow = train_transcoders(llama, texts, tmp_path / "tl", **kw)
+    for L in (0, 1):
+        for name, p in slow[L].state_dict().items():
+            torch.testing.assert_close(fast[L].state_dict()[name], p, atol=2e-4, rtol=1e-3)
+
+
+def hooks_on(model, site, fn):
+    from probe.hooks import hooks
+
+    return hooks(model, [(site, fn)])
