@@ -200,6 +200,19 @@ CASES = [
     ("compare-missing-dictionary", ["compare", f"{W}/nope"], "not a dictionary directory"),
     ("compare-bad-concept", ["compare", f"{W}/sae", "--concept", "family"], "name: word"),
     ("compare-bad-kl", ["compare", f"{W}/sae", "--kl", "-1"], "kl"),
+    # ---- transcoders, attribute
+    ("transcoders-bad-layer", ["transcoders", "--out", f"{W}/tc", "--layers", "9", "--corpus", f"{W}/long.txt",
+                               "--n-tokens", "512", "--d-sae", "16"], "layers must be"),
+    ("transcoders-too-many-tokens", ["transcoders", "--out", f"{W}/tc", "--corpus", f"{W}/long.txt", "--n-tokens",
+                                     "100000000", "--d-sae", "16"], "more than the corpus"),
+    ("transcoders-into-a-file", ["transcoders", "--out", f"{W}/afile", "--corpus", f"{W}/long.txt", "--n-tokens",
+                                 "512", "--d-sae", "16"], "is a file"),
+    ("attribute-not-transcoders", ["attribute", "Mr. Darcy", "--transcoders", f"{W}/sae", "--out", f"{W}/g.json"],
+     "load_dictionary"),
+    ("attribute-damaged-index", ["attribute", "Mr. Darcy", "--transcoders", f"{W}/tc_bad", "--out", f"{W}/g.json"],
+     "damaged"),
+    ("attribute-missing", ["attribute", "Mr. Darcy", "--transcoders", f"{W}/nope", "--out", f"{W}/g.json"],
+     "not a transcoders directory"),
     # ---- demo
     ("demo-unknown-model", ["demo", "--out", f"{W}/d", "--model", "austen-dens", "--no-serve"], "austen-dense"),
     ("demo-bad-site", ["demo", "--out", f"{W}/d", "--site", "blocks.2.hook_resid_pots", "--no-serve"], "Did you mean"),
@@ -221,6 +234,8 @@ def workspace(tmp_path_factory):
     (w / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
     (w / "empty.txt").write_text("\n  \n")
     (w / "afile").write_text("just a file")
+    (w / "tc_bad").mkdir()
+    (w / "tc_bad" / "transcoders.json").write_text("{not json")
     (w / "bad.jsonl").write_text('{"txt": "no text key"}\n')
     (w / "bad.json").write_text("{not json")
     (w / "bad.yaml").write_text("a: [unclosed")
