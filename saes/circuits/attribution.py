@@ -298,8 +298,10 @@ class Replacement:
         self.activations = torch.cat(acts)
         self.embed = model.W_E[tokens.to(model.cfg.device)].detach()
 
-    def run(self, B: int, objective: Callable[[dict[str, Tensor], Tensor], Tensor], zero_sources: bool = False):
-        """Frozen affine forward on B copies of the prompt; ``objective(live, rows)`` gives [B] values.
+    def run(self, B: int, objective: Callable[[dict[str, Tensor], Tensor], Tensor], zero_sources: bool = False,
+            stop: int | None = None):
+        """Frozen affine forward on B copies of the prompt; ``objective(live, rows)`` gives [B] values. With
+        ``stop`` the forward ends before block ``stop`` (enough when every target is a feature of a lower layer).
 
         Returns (values [B], {"embed": grad [B, T, d], L: grad at hook_mlp_out [B, T, d]}).
         """
@@ -341,7 +343,11 @@ class Replacement:
         fwd += [(f"blocks.{L}.hook_mlp_out", mlp_out(L)) for L in range(self.L)]
         fwd += [("ln_final.hook_normalized", grab("ln_final.hook_normalized"))]
         with hooks(model, fwd):
-            model(self.tokens[None].expand(B, -1).to(dev), return_type=None)
+            batch = self.tokens[None].expand(B, -1).to(dev)
+            if stop is None:
+                model(batch, return_type=None)
+            else:
+                model(batch, stop_at_layer=stop)
         values = objective(live, torch.arange(B, device=dev))
         values.sum().backward()
         return values.detach(), {k: torch.zeros_like(v) if v.grad is None else v.grad for k, v in leaves.items()}
@@ -420,7 +426,8 @@ def attribute(model, transcoders: Transcoders, prompt: str, *, max_n_logits: int
     def compute(nodes: list[int]) -> None:
         for i in range(0, len(nodes), batch_size):
             chunk = nodes[i: i + batch_size]
-            _, grads = rep.run(len(chunk), _targets(rep, chunk, F, logit_ids, W_Ud))
+            stop = int(rep.features[chunk, 0].max()) + 1 if max(chunk) < F else None  # features only: stop early
+            _, grads = rep.run(len(chunk), _targets(rep, chunk, F, logit_ids, W_Ud), stop=stop)
             blocks.append(rep.edges(grads, n_nodes).detach().cpu())
             rows.extend(chunk)
 
