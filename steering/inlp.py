@@ -53,6 +53,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from probe.errors import SteerscopeError
+from steering.vectors import read_meta
 
 FORMAT = "steerscope.inlp"
 FORMAT_VERSION = 1
@@ -352,18 +353,7 @@ def _new_directions(W: np.ndarray, B: np.ndarray) -> np.ndarray:
 
 
 def _read_meta(file: Path) -> dict[str, Any]:
-    if not file.exists():
-        raise SteerscopeError(f"{file.parent} is not an INLP directory (no inlp.json)")
-    try:
-        meta = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SteerscopeError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict) or set(meta) != _JSON_KEYS:
-        got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
-        raise SteerscopeError(f"{file}: expected keys {sorted(_JSON_KEYS)}, got {got}")
-    if meta["format"] != FORMAT or meta["format_version"] != FORMAT_VERSION:
-        raise SteerscopeError(f"{file}: not a steerscope INLP erasure (format {meta['format']!r} "
-                              f"version {meta['format_version']!r})")
+    meta = read_meta(file, _JSON_KEYS, FORMAT, FORMAT_VERSION, "an INLP directory", "INLP erasure")
     ints_ok = all(isinstance(meta[k], int) and not isinstance(meta[k], bool) for k in ("d", "rank"))
     accs_ok = isinstance(meta["accuracies"], list) and all(isinstance(a, int | float) for a in meta["accuracies"])
     if not (ints_ok and meta["d"] > 0 and meta["rank"] >= 0) or not accs_ok \

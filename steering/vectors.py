@@ -309,19 +309,26 @@ def _neurons_to_residual(z: Tensor, site: str, model) -> tuple[Tensor, str]:
     return z @ W_out, f"blocks.{layer}.hook_mlp_out"
 
 
-def _read_meta(file: Path) -> dict[str, Any]:
+def read_meta(file: Path, keys: set[str], fmt: str, version: int, directory: str, kind: str) -> dict[str, Any]:
+    """An artifact's JSON: exactly ``keys``, the right format and version; else one line naming ``directory``
+    (e.g. "a steering-vector directory") or ``kind`` (e.g. "steering vector")."""
     if not file.exists():
-        raise SteerscopeError(f"{file.parent} is not a steering-vector directory (no vector.json)")
+        raise SteerscopeError(f"{file.parent} is not {directory} (no {file.name})")
     try:
         meta = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SteerscopeError(f"{file} is not valid JSON: {e}") from e
-    if not isinstance(meta, dict) or set(meta) != _JSON_KEYS:
+    if not isinstance(meta, dict) or set(meta) != keys:
         got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
-        raise SteerscopeError(f"{file}: expected keys {sorted(_JSON_KEYS)}, got {got}")
-    if meta["format"] != FORMAT or meta["format_version"] != FORMAT_VERSION:
-        raise SteerscopeError(f"{file}: not a steerscope steering vector (format {meta['format']!r} "
+        raise SteerscopeError(f"{file}: expected keys {sorted(keys)}, got {got}")
+    if meta["format"] != fmt or meta["format_version"] != version:
+        raise SteerscopeError(f"{file}: not a steerscope {kind} (format {meta['format']!r} "
                               f"version {meta['format_version']!r})")
+    return meta
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    meta = read_meta(file, _JSON_KEYS, FORMAT, FORMAT_VERSION, "a steering-vector directory", "steering vector")
     shape_ok = isinstance(meta["shape"], list) and all(isinstance(s, int) and s > 0 for s in meta["shape"])
     if not shape_ok or not isinstance(meta["provenance"], dict) or not isinstance(meta["site"], str):
         raise SteerscopeError(f"{file}: malformed shape, site or provenance")
