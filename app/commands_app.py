@@ -73,7 +73,9 @@ def app_cmd(
     device: str = typer.Option(None, help="cpu or cuda for the live pages"),
     models: str = typer.Option(None, help="comma-separated extra models the Experts page may offer (beside the "
                                "store's and the bundled ones); pages never take a typed model name or path"),
-    transcoders: Path = typer.Option(None, help="per-layer transcoders (steerscope transcoders) for the Circuit page"),
+    transcoders: Path = typer.Option(None, help="per-layer transcoders (steerscope transcoders) for the Circuit page; "
+                                     "their layers' feature stores (DIR/layer_NN/features) join the sidebar's store "
+                                     "picker"),
 ) -> None:
     """Serve the dashboard (Streamlit, headless) on http://HOST:PORT."""
     from app.store import FeatureStore

@@ -15,6 +15,7 @@ from app.views import _ui
 
 st.set_page_config(page_title="steerscope", page_icon=":material/biotech:", layout="wide")
 error: StoreError | None = None
+store_warning = _ui.store_from_url()  # a Circuit-page link may name a transcoder layer's store
 try:
     store = _ui.get_store()
 except StoreError as e:
@@ -43,6 +44,15 @@ pages = {
 page = st.navigation(pages)
 
 with st.sidebar:
+    choices = _ui.stores()
+    if len(choices) > 1:  # the main store and transcoder layers' stores (--transcoders DIR with layer_NN/features)
+        st.session_state.store_pick = _ui.store_key()
+        st.selectbox("Feature store", list(choices), key="store_pick", format_func=_ui.store_label,
+                     on_change=lambda: _ui.switch_store(st.session_state.store_pick, picked=True),
+                     help="the main store, or the store of one layer's transcoder (its Feature page lists the "
+                          "feature's weights-based connections)")
+    if store_warning:
+        st.warning(store_warning, icon=":material/warning:")
     st.markdown(f"**{meta['architecture']}** · {store.n_features:,} features  \n"
                 f"`{meta['site']}`  \nmodel `{_ui.model_ref(store)}` · {meta['n_tokens']:,} tokens")
     st.caption(f"store `{store.path}`")

@@ -51,8 +51,8 @@ def run_demo(out: Path, n_tokens: int = 100_000, d_sae: int = 4096, k: int = 32,
     tc_dir = None
     if transcoders:
         tc_dir = out / "transcoders"
-        _stage(console, "5/6 train a transcoder per layer (for the Circuit page)",
-               lambda: _transcoders(model, tc_dir, tc_tokens, model_name))
+        _stage(console, "5/6 train a transcoder per layer, and a feature store for each (for the Circuit page)",
+               lambda: _transcoders(model, tc_dir, tc_tokens, model_name, store))
     summary = {"store": str(out / "acts"), "dictionary": str(out / "sae"), "features": str(out / "features"),
                "transcoders": str(tc_dir) if tc_dir else None, "metrics": metrics, "n_features": meta.get("d_sae")}
     if serve:
@@ -111,18 +111,26 @@ def _features(sae, model, store, path: Path, model_name: str) -> dict:
     return build_feature_store(sae, model, store, path, n_tokens=min(len(store), 50_000), model_ref=model_name)
 
 
-def _transcoders(model, path: Path, n_tokens: int, model_name: str):
-    from saes.circuits import load_transcoders, train_transcoders
-
-    if (path / "transcoders.json").exists():
-        return load_transcoders(path)
+def _transcoders(model, path: Path, n_tokens: int, model_name: str, store):
+    """Every layer's transcoder, then a feature store per layer at layer_NN/features (the app finds them there:
+    the Feature page of a transcoder store lists the feature's weights-based connections)."""
     import warnings
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="this run takes only")
-        return train_transcoders(model, "austen", path, n_tokens=n_tokens, d_sae=2048, k=16, batch_size=256,
-                                 n_ctx=min(model.cfg.n_ctx, 256), resume=(path / "layer_00").exists(),
-                                 corpus_spec="austen")
+    from saes.circuits import load_transcoders, train_transcoders
+    from saes.features import build_feature_store
+
+    if (path / "transcoders.json").exists():
+        tcs = load_transcoders(path)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="this run takes only")
+            tcs = train_transcoders(model, "austen", path, n_tokens=n_tokens, d_sae=2048, k=16, batch_size=256,
+                                    n_ctx=min(model.cfg.n_ctx, 256), resume=(path / "layer_00").exists(),
+                                    corpus_spec="austen")
+    for layer in tcs.layers:  # the model runs on the cached store's contexts (its site is another one)
+        d = path / f"layer_{layer:02d}"
+        build_feature_store(d, model, store, d / "features", n_tokens=min(len(store), 50_000), model_ref=model_name)
+    return tcs
 
 
 def _print_metrics(console: Console, m: dict, site: str) -> None:

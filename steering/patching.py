@@ -294,3 +294,49 @@ def patching_grid(model, base_tokens, source_tokens, sites, metric: Metric,
                 m = float(metric(patched_logits(model, site, (p,), base, source, h_s, Patch.full(site).mix)))
             effects[i, j] = (m - m_base) / gap
     return PatchingGrid(names, pos, effects, m_base, m_src)
+
+
+@dataclass(frozen=True)
+class HeadPatching:
+    """Effects of patching one attention head's output (``attn.hook_z`` of that head, every position) at a time.
+
+    ``effects[L, h]`` = (metric(base with head h of layer L from the source) - metric(base)) / (metric(source) -
+    metric(base)), as in :class:`PatchingGrid`; ``ranking()`` orders heads by |effect| (a head that pushes against
+    the behaviour, like IOI's negative name movers, ranks as high as one that carries it).
+    """
+
+    effects: torch.Tensor  # [n_layers, n_heads]
+    metric_base: float
+    metric_source: float
+    seconds: float
+
+    def ranking(self) -> list[tuple[int, int]]:
+        order = self.effects.abs().flatten().argsort(descending=True, stable=True)
+        n_heads = self.effects.shape[1]
+        return [(int(i) // n_heads, int(i) % n_heads) for i in order]
+
+
+def head_patching(model, base_tokens, source_tokens, metric: Metric, layers: Sequence[int] | None = None) -> HeadPatching:
+    """Activation patching of every attention head (one forward pass of the batch per head): the baseline that
+    ``saes.circuits.heads`` is measured against. Each base needs a source of its own length (all positions patch)."""
+    import time
+
+    t0 = time.perf_counter()
+    base, source = paired_tokens(model, base_tokens, source_tokens)
+    pair_columns(base, source, None)
+    m_base, m_src = metric_range(model, base, source, metric)
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    effects = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+    for L in layers:
+        site = f"blocks.{L}.attn.hook_z"
+        h_s = cache_site(model, source, site)
+        for h in range(model.cfg.n_heads):
+            def mix(h_b, h_s, h=h):
+                out = h_b.clone()
+                out[..., h, :] = h_s[..., h, :]
+                return out
+
+            with torch.no_grad():
+                m = float(metric(patched_logits(model, site, None, base, source, h_s, mix)))
+            effects[L, h] = (m - m_base) / (m_src - m_base)
+    return HeadPatching(effects, m_base, m_src, time.perf_counter() - t0)

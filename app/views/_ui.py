@@ -52,9 +52,65 @@ def _open_store(path: str, stamp: float) -> FeatureStore:
     return FeatureStore.open(path)
 
 
+MAIN = "main"
+KEEP_ON_STORE_CHANGE = ("circuit", "store_", "experts")  # session keys that do not depend on the store
+
+
+def stores() -> dict[str, str]:
+    """The feature stores the app can show, key -> directory: ``main`` (``--store``) and ``layer_NN`` for every
+    layer of ``--transcoders`` that has a store at ``TRANSCODERS/layer_NN/features``
+    (``steerscope features TRANSCODERS/layer_NN``; the demo builds them)."""
+    s = settings()
+    out = {MAIN: s.store} if s.store else {}
+    if s.transcoders:
+        for d in sorted(Path(s.transcoders).expanduser().glob("layer_[0-9][0-9]*")):
+            if (d / "features" / "meta.json").is_file():
+                out[d.name] = str(d / "features")
+    return out
+
+
+def store_label(key: str) -> str:
+    return "main store" if key == MAIN else f"layer {int(key.split('_')[1])} transcoder"
+
+
+def store_key() -> str:
+    """The store this session shows: the sidebar's choice (or the ``?store=`` of a link), else ``main``."""
+    choices = stores()
+    key = st.session_state.get("store_choice", MAIN)
+    return key if key in choices else next(iter(choices), MAIN)
+
+
+def switch_store(key: str, picked: bool = False) -> None:
+    """Show another store: forget what the pages computed from the old one (feature ids, searches, results).
+    ``picked`` (the sidebar): the URL's parameters belonged to the old store too, so they go, and ``?store=`` says
+    the new one."""
+    for k in list(st.session_state):
+        if not k.startswith(KEEP_ON_STORE_CHANGE):
+            del st.session_state[k]
+    st.session_state.store_choice = key
+    if picked:
+        st.query_params.clear()
+        st.query_params["store"] = st.session_state.store_url = key
+
+
+def store_from_url() -> str | None:
+    """Apply a ``?store=KEY`` that just arrived (a Circuit-page link); a warning line when KEY is unknown."""
+    raw = st.query_params.get("store")
+    if raw is None or raw == st.session_state.get("store_url"):
+        return None
+    st.session_state.store_url = raw
+    choices = stores()
+    if raw not in choices:
+        return f"no feature store {raw!r} here (these are: {', '.join(choices)}); showing {store_key()}"
+    if raw != store_key():
+        switch_store(raw)
+        st.session_state.store_url = raw
+    return None
+
+
 def get_store() -> FeatureStore:
-    """The store named by the settings (opened once per process and meta.json version); or StoreError."""
-    path = settings().store
+    """The store this session shows (opened once per process and meta.json version); or StoreError."""
+    path = stores().get(store_key())
     if not path:
         raise StoreError("no feature store given: start the app with `steerscope app --store DIR` (or set STEERSCOPE_STORE)")
     meta = Path(path).expanduser() / "meta.json"
@@ -143,9 +199,14 @@ def live_model(store: FeatureStore):
         st.stop()
 
 
+def dictionary_dir(store: FeatureStore):
+    """The dictionary behind ``store``: ``--dictionary`` overrides the main store's, a transcoder store's is its layer."""
+    return (settings().dictionary if store_key() == MAIN else None) or store.dictionary_dir()
+
+
 def live(store: FeatureStore):
     """(model, dictionary) for live pages, loaded once per process; a friendly error stops the page."""
-    path = settings().dictionary or store.dictionary_dir()
+    path = dictionary_dir(store)
     try:
         if not path:
             raise StoreError(f"the dictionary this store was built from is not at {store.meta.get('dictionary_path_abs') or '?'} "
@@ -236,3 +297,29 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str) -> No
         col.markdown(f"**{title}**")
         col.html(f'<div class="ss-gen" style="{MONO}white-space:pre-wrap;background:{bg};border:1px solid #e2e8f0;'
                  f'border-radius:6px;padding:0.6rem;min-height:4rem">{html.escape(text)}</div>')
+
+
+def connections_panel(model, tcs, layer: int, feature: int) -> None:
+    """A transcoder feature's prompt-free connections (Dunefsky et al.): de-embedding, strongest upstream and
+    downstream virtual weights; each connected feature links to its layer's Feature page when that store exists."""
+    from saes.circuits.connections import de_embedding, downstream, upstream
+
+    have = stores()
+    c1, c2, c3 = st.columns(3)
+    c1.markdown("**De-embedding** (tokens whose embedding drives it most, W_E · W_enc)")
+    c1.dataframe([{"token": repr(r["token"]), "score": round(r["score"], 3)}
+                  for r in de_embedding(model, tcs, layer, feature)], hide_index=True, width="stretch")
+    for col, title, rows, none in ((c2, "**Upstream** (W_dec[l′] · W_enc, earlier layers)",
+                                    upstream(tcs, layer, feature), "the first layer: no earlier transcoder writes to it"),
+                                   (c3, "**Downstream** (W_dec · W_enc[l′], later layers)",
+                                    downstream(tcs, layer, feature), "the last layer: no later transcoder reads it")):
+        col.markdown(title)
+        if not rows:
+            col.caption(none)
+        for r in rows:
+            label = f"L{r['layer']} #{r['feature']}  ·  {r['weight']:+.4f}"
+            target = f"layer_{r['layer']:02d}"
+            if target in have:
+                col.page_link(FEATURE_PAGE, label=label, query_params={"store": target, "feature": str(r["feature"])})
+            else:
+                col.markdown(f"`{label}`")

@@ -12,7 +12,6 @@ import math
 
 import plotly.graph_objects as go
 import streamlit as st
-import torch
 
 from app.views import _ui
 from probe.errors import SteerscopeError
@@ -152,34 +151,16 @@ if options:
     layer, feat, pos = (int(v) for v in node_id.split("_"))
     st.markdown(f"**Layer {layer}, feature {feat}** at position {pos} (`{g.token_strs[pos]!r}`)")
     tc = tcs[layer]
-    if store.meta.get("site") == tc.cfg.site and store.meta.get("d_sae") == tc.cfg.d_sae and \
+    layer_store = f"layer_{layer:02d}"
+    if layer_store in _ui.stores():
+        st.page_link(_ui.FEATURE_PAGE, label=f"Open feature {feat} on the Feature page (layer {layer} store)",
+                     icon=":material/bubble_chart:", query_params={"store": layer_store, "feature": str(feat)})
+    elif store.meta.get("site") == tc.cfg.site and store.meta.get("d_sae") == tc.cfg.d_sae and \
             store.meta.get("fingerprint") == _ui.fingerprint_of(tc):
         st.page_link(_ui.FEATURE_PAGE, label=f"Open feature {feat} on the Feature page", icon=":material/bubble_chart:",
                      query_params={"feature": str(feat)})
     else:
-        st.caption(f"The feature store is not the one of this layer's transcoder ({tc.cfg.site}); build one with "
-                   f"`steerscope features {tcs.path}/layer_{layer:02d}` to browse its examples.")
-    with torch.no_grad():
-        enc = tc.W_enc[:, feat].float()
-        de = (model.W_E.float() @ enc).topk(10)
-        words = [model.tokenizer.decode([int(i)]) for i in de.indices]
-        c1, c2, c3 = st.columns(3)
-        c1.markdown("**De-embedding** (tokens whose embedding drives it most, W_E · W_enc)")
-        c1.dataframe([{"token": repr(w), "score": round(float(s), 3)} for w, s in zip(words, de.values, strict=True)],
-                     hide_index=True, width="stretch")
-        up = [(L, tcs[L].W_dec.float() @ enc) for L in range(layer)]
-        rows = sorted(((float(v), L, int(i)) for L, vals in up for v, i in zip(*vals.abs().topk(min(5, len(vals))),
-                                                                                strict=True)), reverse=True)[:8]
-        c2.markdown("**Upstream** (W_dec[l′] · W_enc, earlier layers)")
-        c2.dataframe([{"layer": L, "feature": i, "weight": round(float(tcs[L].W_dec[i].float() @ enc), 4)}
-                      for _, L, i in rows], hide_index=True, width="stretch")
-        dec = tc.W_dec[feat].float()
-        down = [(L, dec @ tcs[L].W_enc.float()) for L in range(layer + 1, g.n_layers)]
-        rows = sorted(((float(v), L, int(i)) for L, vals in down for v, i in zip(*vals.abs().topk(min(5, len(vals))),
-                                                                                  strict=True)), reverse=True)[:8]
-        c3.markdown("**Downstream** (W_dec · W_enc[l′], later layers)")
-        if not down:
-            c3.caption("the last layer: no later transcoder reads it")
-        if down:
-            c3.dataframe([{"layer": L, "feature": i, "weight": round(float(dec @ tcs[L].W_enc[:, i].float()), 4)}
-                          for _, L, i in rows], hide_index=True, width="stretch")
+        st.caption(f"No feature store of this layer's transcoder ({tc.cfg.site}); build one with "
+                   f"`steerscope features {tcs.path}/layer_{layer:02d}` (it goes to layer_{layer:02d}/features, "
+                   "where the app finds it) to browse its examples.")
+    _ui.connections_panel(model, tcs, layer, feat)

@@ -11,6 +11,7 @@ import streamlit as st
 
 from app.store import StoreError
 from app.views import _ui
+from probe.errors import SteerscopeError
 
 store = _ui.open_store()
 n = store.n_features
@@ -107,3 +108,22 @@ with right:
             st.markdown(f"<small>**{r0['interval_lo']:.2f} – {r0['interval_hi']:.2f}** · "
                         f"{r0['interval_frac']:.1%} of firing tokens</small>", unsafe_allow_html=True)
             st.html(_ui.examples_html(rows, scale))
+
+key = _ui.store_key()
+if key != _ui.MAIN and _ui.settings().transcoders:  # the store of one layer's transcoder: its circuit connections
+    layer = int(key.split("_")[1])
+    st.subheader("Connections (weights-based, prompt-free)")
+    try:
+        tcs = _ui.load_transcoders(_ui.settings().transcoders, _ui.device())
+        model = _ui.live_model(store)
+        tcs.check_model(model)
+        if store.meta.get("fingerprint") != _ui.fingerprint_of(tcs[layer]):
+            raise StoreError(f"this store was built from another dictionary than the layer-{layer} transcoder in "
+                             f"{tcs.path}; rebuild it with `steerscope features {tcs.path}/layer_{layer:02d}`")
+    except (SteerscopeError, StoreError) as e:
+        st.warning(f"No connections: {e}", icon=":material/warning:")
+    else:
+        st.caption("Through the residual stream an earlier feature i′ writes W_dec[i′] and this one reads W_enc[:, i], "
+                   "so W_dec[i′] · W_enc[:, i] is how strongly one drives the other on every input (attention and "
+                   "LayerNorm ignored; Dunefsky et al.). Click a connected feature to open it in its layer's store.")
+        _ui.connections_panel(model, tcs, layer, fid)

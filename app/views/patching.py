@@ -22,7 +22,7 @@ st.caption("Runs each base prompt with the activation at a site moved toward its
            "as a fraction of the source − base gap (1 = behaves like the source). The illusion check (Makelov et al.) "
            "splits v into the part later layers read and the part they cannot see.")
 model = _ui.live_model(store)
-has_dictionary = bool(_ui.settings().dictionary or store.dictionary_dir())
+has_dictionary = bool(_ui.dictionary_dir(store))
 
 a, b = st.columns(2)
 base_text = a.text_area("Base prompts (one per line)", BASE, key="patch_base", height=100)

@@ -339,6 +339,56 @@ def test_circuit_page_shows_the_graph_the_library_builds(transcoders_env):
     assert "empty" in texts(at.error)  # one clear line, no traceback
 
 
+@pytest.fixture
+def layer_store(transcoders_env, store_env):
+    """Layer 1's transcoder with a feature store where the app looks for it (layer_01/features)."""
+    from saes.features import build_feature_store
+    from tests.app.conftest import contexts
+
+    model, path = transcoders_env
+    build_feature_store(path / "layer_01", model, contexts(24, 16), path / "layer_01" / "features", progress=False,
+                        model_ref=str(store_env["dense"]))
+    return model, path
+
+
+def test_a_transcoder_store_feature_page_lists_its_connections(layer_store):
+    from saes.circuits import load_transcoders
+    from saes.circuits.connections import de_embedding, upstream
+
+    model, path = layer_store
+    tcs = load_transcoders(path)
+    at = open_app("feature", store="layer_01", feature="3")
+    pick = at.selectbox(key="store_pick")
+    assert pick.options == ["main store", "layer 1 transcoder"] and pick.value == "layer_01"
+    assert titles(at) == ["Feature 3"]
+    assert FeatureStore.open(path / "layer_01" / "features").meta["site"] in texts(at.caption)
+    assert "Connections (weights-based, prompt-free)" in [h.value for h in at.subheader]
+    de = frame(at, "score")
+    assert de["token"].tolist() == [repr(r["token"]) for r in de_embedding(model, tcs, 1, 3)]
+    # only layer 1 has a store: upstream (layer 0) features are listed, not linked
+    shown = [m.value for m in at.markdown if m.value.startswith("`L")]
+    assert shown == [f"`L{r['layer']} #{r['feature']}  ·  {r['weight']:+.4f}`" for r in upstream(tcs, 1, 3)]
+    assert "last layer" in texts(at.caption)  # the tiny model has two layers: nothing downstream of layer 1
+    pick.set_value("main").run()  # back to the main store: its own feature page, no connections
+    assert titles(at) == ["Feature 0"] and "Connections (weights-based, prompt-free)" not in [h.value for h in at.subheader]
+
+
+def test_an_unknown_store_in_the_url_is_a_warning_line(layer_store):
+    at = open_app(store="layer_07")  # the warning shows on the page the link lands on (here the Overview)
+    assert "no feature store 'layer_07'" in texts(at.warning) and "main, layer_01" in texts(at.warning)
+    assert at.selectbox(key="store_pick").value == "main"
+
+
+def test_circuit_page_links_a_feature_to_its_layer_store(layer_store):
+    at = open_app("circuit")
+    layer1 = [o for o in at.selectbox(key="circuit_pick").options if o.startswith("1_")]
+    if not layer1:
+        pytest.skip("no layer-1 feature survived pruning on this tiny model")
+    at.selectbox(key="circuit_pick").set_value(layer1[0]).run()
+    link = next(p for p in at.get("page_link") if "Open feature" in p.proto.label)
+    assert "layer 1 store" in link.proto.label and "store=layer_01" in link.proto.query_string
+
+
 def test_circuit_page_refuses_transcoders_of_another_model(store_env, tmp_path, monkeypatch):
     (tmp_path / "tc").mkdir()
     (tmp_path / "tc" / "transcoders.json").write_text("{broken")

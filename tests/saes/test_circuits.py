@@ -321,3 +321,30 @@ def test_ablation_predictions_are_exact_in_the_frozen_linear_regime(model64, gra
     assert torch.allclose(measured_ablations(model64, tcs, g, last, freeze=True), pred, rtol=0, atol=1e-9)
     live = measured_ablations(model64, tcs, g, last)  # ln_final live: close, not equal
     assert not torch.allclose(live, pred, rtol=0, atol=1e-9) and torch.allclose(live, pred, rtol=0.5, atol=0.1)
+
+
+# ------------------------------------------------------------------ weights-based connections
+def test_connections_are_the_strongest_virtual_weights_and_de_embeddings(model64):
+    from saes.circuits.connections import de_embedding, downstream, upstream
+    from saes.circuits.validate import virtual_weights
+
+    tcs = random_transcoders(model64, skip=False, d_sae=40).to(torch.float64)
+    n_layers, layer, feat = model64.cfg.n_layers, 1, 7
+    # every (earlier layer, feature) pair's weight into feat, from the full virtual-weight matrices
+    every = [(L, i, float(virtual_weights(tcs, L, layer)[i, feat])) for L in range(layer) for i in range(40)]
+    want = sorted(every, key=lambda r: -abs(r[2]))[:8]
+    got = upstream(tcs, layer, feat, k=8)
+    assert [(r["layer"], r["feature"]) for r in got] == [(L, i) for L, i, _ in want]
+    assert [r["weight"] for r in got] == pytest.approx([w for *_, w in want], abs=1e-12)
+    every = [(L, i, float(virtual_weights(tcs, 0, L)[feat, i])) for L in range(1, n_layers) for i in range(40)]
+    want = sorted(every, key=lambda r: -abs(r[2]))[:5]
+    assert [(r["layer"], r["feature"]) for r in downstream(tcs, 0, feat, k=5)] == [(L, i) for L, i, _ in want]
+    assert downstream(tcs, n_layers - 1, feat) == [] and upstream(tcs, 0, feat) == []
+    scores = model64.W_E.double() @ tcs[layer].W_enc[:, feat].double()
+    de = de_embedding(model64, tcs, layer, feat, k=6)
+    assert [r["token_id"] for r in de] == scores.topk(6).indices.tolist()
+    assert de[0]["token"] == model64.tokenizer.decode([de[0]["token_id"]])
+    with pytest.raises(SteerscopeError, match="out of range"):
+        upstream(tcs, layer, 40)
+    with pytest.raises(SteerscopeError, match="no transcoder for layer 9"):
+        downstream(tcs, 9, 0)
