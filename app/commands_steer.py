@@ -24,7 +24,7 @@ def steer_cmd(
     layer: int = typer.Option(1, help="ActAdd: block whose hook_resid_pre is steered"),
     coeff: float = typer.Option(5.0, help="steering coefficient"),
     vector: Path = typer.Option(None, help="a saved steering vector directory (instead of --add/--sub)"),
-    mode: str = typer.Option("prompt", help="positions: prompt, generated or all"),
+    mode: str = typer.Option("prompt", help="positions: prompt, generated, all, or last (the last prompt token only)"),
     max_new_tokens: int = typer.Option(40, help="tokens to generate"),
     sample: bool = typer.Option(False, help="sample (temperature 0.8, seeded) instead of greedy"),
     seed: int = typer.Option(0, help="sampling seed (the same for both runs)"),

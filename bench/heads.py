@@ -90,14 +90,15 @@ def task_check(model, prompts: dict) -> dict:
     return out
 
 
-def run(model_name: str, n_prompts: int = 40, n_train: int = 5, d_sae: int = 200, top: int | None = None,
+def run(model_name, n_prompts: int = 40, n_train: int = 5, d_sae: int = 200, top: int | None = None,
         seeds: int = 5, epochs: int = 500, l1: float = 0.02) -> dict:
     from probe.models import load_model
     from saes.circuits.heads import agreement, head_outputs, rank_heads
     from steering.patching import head_patching, logit_diff
 
     t0 = time.perf_counter()
-    model = load_model(model_name, device="cpu")
+    model = load_model(model_name, device="cpu") if isinstance(model_name, str) else model_name  # or a model
+    model_name = model_name if isinstance(model_name, str) else model.cfg.model_name
     prompts = ioi_prompts(model, n_prompts)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     top = top or max(3, round(0.1 * L * H))

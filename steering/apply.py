@@ -7,7 +7,9 @@ columns ``>= prompt_len``. Modes:
 - ``"prompt"``: a [d] vector is added at every real prompt position;
 - ``"generated"``: at every generated position (the first new token is sampled from the prompt pass,
   so it is unsteered; the effect starts with the second);
-- ``"all"``: both.
+- ``"all"``: both;
+- ``"last"``: the last prompt position only (the decision position: an agent's action token is read from it,
+  as EAST steers; Rahn et al. 2024). Decode passes add nothing.
 
 A [T, d] ActAdd vector is added at the first T real positions of each row (BOS = position 0) and
 nowhere else, whatever the mode ("generated" is refused). Under the KV cache those positions are
@@ -41,8 +43,8 @@ from probe.twin import twin_of
 from steering.inlp import INLP, Projection
 from steering.vectors import SteeringVector, site_width
 
-Mode = Literal["prompt", "generated", "all"]
-MODES = ("prompt", "generated", "all")
+Mode = Literal["prompt", "generated", "all", "last"]
+MODES = ("prompt", "generated", "all", "last")
 MAX_ADDED = 1e8  # largest |coeff x vector| entry: squares of larger ones (LayerNorm variances) near fp32 overflow
 
 
@@ -90,7 +92,7 @@ def check_vectors(model, vectors, mode: Mode = "all") -> list[SteeringVector | P
         width = site_width(model, site)
         if width is not None and v.d != width:
             raise SteerscopeError(f"{v!r} has dimension {v.d}, but {site} of this model has width {width}")
-        if v.positional and mode == "generated":
+        if v.positional and mode in ("generated", "last"):
             raise SteerscopeError("an ActAdd [T, d] vector steers the first T prompt positions; use mode='prompt' or 'all'")
         if not bool(torch.isfinite(v.scaled()).all()) or float(v.scaled().abs().max()) > MAX_ADDED:
             raise SteerscopeError(f"{v!r}: coeff x vector reaches {float(v.scaled().abs().max()):.3g}, beyond what the "
@@ -173,6 +175,13 @@ def _projection_hook(p: Projection, mode: Mode, pos: Positions):
 def _edit_flat(t: Tensor, edit, mode: Mode, pos: Positions) -> Tensor | None:
     """``edit(t)`` at the columns ``mode`` selects, ``t`` elsewhere (None: nothing selected in this forward)."""
     n, P = t.shape[1], pos.prompt_len
+    if mode == "last":  # prompts are left-padded, so every row's last prompt token is in the same column
+        j = (P if P is not None else pos.start + n) - 1 - pos.start
+        if not 0 <= j < n:
+            return None
+        out = t.clone()
+        out[:, j : j + 1] = edit(t[:, j : j + 1])
+        return out
     if P is None:  # the whole forward is prompt
         in_prompt_only = True
     elif pos.start >= P:  # a decode pass: every column is generated

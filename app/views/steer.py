@@ -102,8 +102,8 @@ with right:
     c1, c2, c3, c4 = st.columns(4)
     n_new = c1.slider("new tokens", 1, 64, 24, key="steer_tokens")
     seed = c2.number_input("seed", 0, 2**31 - 1, 0, key="steer_seed")
-    mode = c3.selectbox("positions", ["all", "prompt", "generated"], key="steer_mode",
-                        help="where the vectors are added: prompt tokens, generated tokens, or both")
+    mode = c3.selectbox("positions", ["all", "prompt", "generated", "last"], key="steer_mode",
+                        help="where the vectors are added: prompt tokens, generated tokens, both, or the last prompt token only")
     sample = c4.toggle("sample", value=True, key="steer_sample", help="sample at temperature 0.8 (off: greedy)")
     run = st.button("Generate", key="steer_run", type="primary", icon=":material/play_arrow:",
                     disabled=not coeffs or not st.session_state.steer_prompt.strip())

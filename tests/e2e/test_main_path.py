@@ -202,3 +202,21 @@ def test_circuit_page_traces_the_prompt_as_the_library_does(page, dense_app, dem
     assert page.get_by_text("De-embedding").count() == 1
     no_exception(page)
     page.screenshot(path=str(shots / "main-circuit.png"), full_page=True)
+
+    # the demo built a feature store per layer: the selected feature opens in its layer's store, with its connections
+    from saes.circuits.connections import de_embedding, upstream
+
+    link = page.get_by_role("link", name=re.compile(r"Open feature \d+ on the Feature page \(layer \d+ store\)"))
+    feat, layer = (int(v) for v in re.search(r"feature (\d+) .*layer (\d+)", link.inner_text()).groups())
+    link.click()
+    settle(page)
+    assert page.get_by_role("heading", name=f"Feature {feat}").count() == 1
+    assert page.get_by_text(f"layer {layer} transcoder").count() >= 1  # the sidebar's store picker
+    assert page.get_by_text("Connections (weights-based, prompt-free)").count() == 1
+    tcs = load_transcoders(demo_runs["dense"] / "transcoders")
+    for r in de_embedding(dense, tcs, layer, feat)[:3]:
+        assert page.get_by_text(repr(r["token"]), exact=True).count() >= 1
+    for r in upstream(tcs, layer, feat)[:3]:  # earlier layers' stores exist too: each connection is a link
+        assert page.get_by_role("link", name=f"L{r['layer']} #{r['feature']}  ·  {r['weight']:+.4f}").count() == 1
+    no_exception(page)
+    page.screenshot(path=str(shots / "main-feature-transcoder.png"), full_page=True)

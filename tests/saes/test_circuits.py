@@ -118,6 +118,14 @@ def test_the_feature_cap_computes_rows_in_order_of_influence(model64, graph64):
     assert infl.shape == top_by_logits.shape
 
 
+def test_first_rows_is_the_graph_of_a_smaller_cap(model64, graph64):
+    tcs, g = graph64  # built with batch_size=16 and no cap
+    capped = attribute(model64, tcs, PROMPT, batch_size=16, max_feature_nodes=32)
+    cut = g.first_rows(32)
+    assert torch.equal(cut.rows, capped.rows) and torch.allclose(cut.adjacency, capped.adjacency, rtol=0, atol=1e-12)
+    assert cut.scores == pytest.approx(capped.scores, abs=1e-12) and cut.info["max_feature_nodes"] == 32
+
+
 def test_pruning_keeps_tokens_and_logits_and_thresholds_one_keep_every_edge(graph64):
     _, g = graph64
     keep, edges, _ = g.prune(1.0, 1.0)

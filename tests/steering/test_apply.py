@@ -37,7 +37,8 @@ def vectors(model):
             "actadd": SteeringVector.actadd(model, "Love", "Hate", layer=1, coeff=2.0)}
 
 
-CASES = [("flat", "prompt"), ("flat", "generated"), ("flat", "all"), ("actadd", "prompt"), ("actadd", "all")]
+CASES = [("flat", "prompt"), ("flat", "generated"), ("flat", "all"), ("flat", "last"), ("actadd", "prompt"),
+         ("actadd", "all")]
 
 
 def _run(model, prompts, vecs, mode, **kw):
@@ -107,6 +108,23 @@ def test_actadd_only_first_T_positions_and_only_prompt_pass(model, vectors):
     assert_close(pre_a[0, :T] - pre_b[0, :T], 2.0 * v.tensor, atol=1e-5, rtol=0)
     assert torch.equal(pre_a[0, T:], pre_b[0, T:])
     assert dec_a.shape[1] == 1 and torch.equal(dec_a, dec_b)
+
+
+def test_last_mode_steers_only_the_last_prompt_position(model, vectors):
+    v, tokens = vectors["flat"], model.to_tokens(PROMPTS[2])
+    with torch.no_grad():
+        with steer(model, [v], mode="last"):
+            steered = model(tokens)
+        resid = model(tokens, stop_at_layer=1).clone()
+        resid[:, -1] += 4.0 * v.tensor
+        manual = model(resid, start_at_layer=1)
+    assert_close(steered, manual, atol=1e-5, rtol=1e-5)
+    assert torch.equal(steered[:, :-1], model(tokens)[:, :-1])  # causal: earlier positions never see it
+    g = _run(model, PROMPTS, [v], "last")  # only the prompt pass: the first new token's logits move, as in a
+    base = _run(model, PROMPTS, [], "last")  # hand-steered prompt pass
+    assert not torch.allclose(g.logits[:, 0], base.logits[:, 0], atol=1e-3)
+    with pytest.raises(SteerscopeError, match="ActAdd"):
+        _run(model, PROMPTS, [vectors["actadd"]], "last")
 
 
 def test_generated_mode_leaves_first_token_unsteered(model, vectors):
