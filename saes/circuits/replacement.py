@@ -9,7 +9,9 @@ output), so one backward pass from a batch of targets gives each source's gradie
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -49,7 +51,7 @@ class Replacement:
         feats, acts, self.base_full, self.base_zero, self.errors = [], [], {}, {}, {}
         with torch.no_grad():
             for L in range(self.L):
-                tc = tcs[L].to(device=model.cfg.device, dtype=dt)
+                tc = _like(tcs[L], model.cfg.device, dt)  # a cast copy when needed: the caller's stay as they are
                 x, mlp = cache[f"blocks.{L}.ln2.hook_normalized"][0], cache[f"blocks.{L}.hook_mlp_out"][0]
                 codes = tc.encode(x)
                 recon = tc.predict(x, codes)
@@ -114,14 +116,14 @@ class Replacement:
         fwd += [(f"blocks.{L}.ln2.hook_normalized", grab(f"blocks.{L}.ln2.hook_normalized")) for L in range(self.L)]
         fwd += [(f"blocks.{L}.hook_mlp_out", mlp_out(L)) for L in range(self.L)]
         fwd += [("ln_final.hook_normalized", grab("ln_final.hook_normalized"))]
-        with hooks(model, fwd):
+        with hooks(model, fwd), _no_weight_grads(model, self.tcs):
             batch = self.tokens[None].expand(B, -1).to(dev)
             if stop is None:
                 model(batch, return_type=None)
             else:
                 model(batch, stop_at_layer=stop)
-        values = objective(live, torch.arange(B, device=dev))
-        values.sum().backward()
+            values = objective(live, torch.arange(B, device=dev))
+            values.sum().backward()
         return values.detach(), {k: torch.zeros_like(v) if v.grad is None else v.grad for k, v in leaves.items()}
 
     def sources(self) -> tuple[list[tuple[int, Tensor, Tensor]], Tensor, Tensor]:
@@ -147,6 +149,27 @@ class Replacement:
             A[:, F + L * self.T: F + (L + 1) * self.T] = (grads[L] * errors[L][None]).sum(-1)
         A[:, F + self.L * self.T: F + self.L * self.T + self.T] = (grads["embed"] * embed[None]).sum(-1)
         return A
+
+
+def _like(module, device, dtype):
+    w = next(module.parameters())
+    return module if (w.device, w.dtype) == (torch.device(device), dtype) else copy.deepcopy(module).to(device, dtype)
+
+
+@contextmanager
+def _no_weight_grads(*modules):
+    """Only the leaves need gradients: with the weights' ``requires_grad`` off, backward skips every weight
+    gradient (about a third of its work); the flags are restored afterwards."""
+    params = [p for m in modules for p in (m.parameters() if hasattr(m, "parameters") else
+                                          (q for d in m.by_layer.values() for q in d.parameters()))]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
 
 
 def targets(rep: Replacement, graph_nodes: list[int], n_features: int, logit_ids: Tensor, W_Ud: Tensor):

@@ -356,3 +356,12 @@ def test_connections_are_the_strongest_virtual_weights_and_de_embeddings(model64
         upstream(tcs, layer, 40)
     with pytest.raises(SteerscopeError, match="no transcoder for layer 9"):
         downstream(tcs, 9, 0)
+
+
+def test_attribution_leaves_the_callers_transcoders_as_they_are(model64):
+    tcs = random_transcoders(model64, skip=True)  # float32, model float64
+    before = {L: tc.W_enc.clone() for L, tc in tcs.by_layer.items()}
+    attribute(model64, tcs, PROMPT, max_feature_nodes=16)
+    for L, tc in tcs.by_layer.items():
+        assert tc.W_enc.dtype == torch.float32 and torch.equal(tc.W_enc, before[L])
+        assert all(p.requires_grad for p in tc.parameters())  # the weight-gradient switch is undone
