@@ -52,7 +52,7 @@ def last_token_states(model, prompts: Sequence[str], sites: Sequence[str], chat:
         tokens, mask, _ = left_pad(model, list(prompts[i: i + batch_size]), chat)
         got: dict[str, Tensor] = {}
 
-        def keep(name):
+        def keep(name, got=got):
             def fn(t, hook):
                 got[name] = t[:, -1].detach().float().cpu()  # left-padded: the last column is every row's last token
             return fn
