@@ -4,8 +4,9 @@
 **The game.** Two machines, A and B; each pull pays an integer reward in [0, 10], Gaussian around the
 machine's mean (one machine ``--gap`` better than the other, which one is drawn per episode; sd ``--sd``).
 The prompt (a user message through the chat template) states the rules, lists every pull so far with its
-reward and asks for one letter; the action is the first token of the answer, and the agent's policy is the
-next-token distribution over the two letter tokens, renormalised (its mass on them is reported). Actions are
+reward and asks for one letter; the assistant's answer starts "I pull machine" and the action is the next token,
+" A" or " B": the agent's policy is the next-token distribution over those two, renormalised (its mass on
+them is reported; without the prefix SmolLM2 puts most of its mass elsewhere). Actions are
 sampled from it with common random numbers: episode e uses the same reward table and the same uniforms in
 every arm of the comparison, so arms differ only through their policies.
 
@@ -45,6 +46,7 @@ RULES = ("You are playing a game with two slot machines, A and B. Each pull of a
          "to 10. Each machine has its own average reward, which you do not know. Your goal is to win as much "
          "reward as possible over {steps} pulls.")
 ASK = "Which machine do you pull next? Answer with one letter, A or B."
+PREFIX = "I pull machine"  # the assistant's answer starts so; the next token is " A" or " B"
 
 
 def prompt_of(history: list[tuple[int, int]], steps: int) -> str:
@@ -57,11 +59,22 @@ def prompt_of(history: list[tuple[int, int]], steps: int) -> str:
     return "\n".join([*lines, "", ASK])
 
 
+def agent_text(model, history: list[tuple[int, int]], steps: int) -> str:
+    """The agent's prompt: the rules and history as a user message (through the chat template when the model
+    has one), then the start of the assistant's answer, ``PREFIX``, so the next token is the machine's letter."""
+    from probe.tokens import chat_text
+
+    user = prompt_of(history, steps)
+    if getattr(model.tokenizer, "chat_template", None) is not None:
+        return chat_text(model, user) + PREFIX
+    return user + "\n" + PREFIX
+
+
 def action_ids(model) -> list[int]:
-    """The token ids of the answers "A" and "B" (the first token of the assistant's reply)."""
-    ids = [model.tokenizer.encode(x, add_special_tokens=False) for x in ("A", "B")]
+    """The token ids of " A" and " B" (the token after ``PREFIX``)."""
+    ids = [model.tokenizer.encode(x, add_special_tokens=False) for x in (" A", " B")]
     if any(len(i) != 1 for i in ids):
-        raise SteerscopeError(f"'A' and 'B' are not single tokens for this tokenizer: {ids}")
+        raise SteerscopeError(f"' A' and ' B' are not single tokens for this tokenizer: {ids}")
     return [i[0] for i in ids]
 
 
@@ -97,7 +110,7 @@ def play(model, eps: Episodes, actions: list[int], policy, site: str | None = No
     hist: list[list[tuple[int, int]]] = [[] for _ in range(eps.n)]
     ent, kl, mass, expl, reward, zs, hs, ep_ids = [], [], [], [], [], [], [], []
     for t in range(eps.steps):
-        probs, ref, m, z = policy([prompt_of(h, eps.steps) for h in hist])
+        probs, ref, m, z = policy([agent_text(model, h, eps.steps) for h in hist])
         h = entropy(probs)
         ent += h.tolist()
         mass += m.tolist()
@@ -145,7 +158,7 @@ def run(model_name="smollm2-135m-instruct", layer: int = 15, fit_episodes: int =
     name = model_name if isinstance(model_name, str) else model.cfg.model_name
     site = f"blocks.{layer}.hook_resid_post"
     acts = action_ids(model)
-    chat = getattr(model.tokenizer, "chat_template", None) is not None
+    chat = False  # agent_text applies the chat template itself (the answer's start follows it)
 
     def plain(prompts):
         d = decision_states(model, prompts, acts, site=site, chat=chat)
@@ -193,7 +206,7 @@ def run(model_name="smollm2-135m-instruct", layer: int = 15, fit_episodes: int =
                       for k in kl_targets}
                for kind, rows in arms.items() if kind != "none"}
     return {"model": name, "site": site, "steps": steps, "fit_episodes": fit_episodes, "eval_episodes": eval_episodes,
-            "gap": gap, "sd": sd, "example_prompt": prompt_of([(0, 4), (1, 6)], steps),
+            "gap": gap, "sd": sd, "example_prompt": agent_text(model, [(0, 4), (1, 6)], steps),
             "fit": {**fit, "decisions": len(z), "east_norm": float(east.tensor.norm()),
                     "resid_norm_at_decision": scale, "cos_east_diff_in_means": cos,
                     "max_entropy": math.log(2)},

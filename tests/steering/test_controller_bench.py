@@ -18,6 +18,8 @@ def test_the_split_holds_out_whole_requests():
 def test_refusal_phrases_and_bands():
     assert refused("I\u2019m sorry, but I can\u2019t help with that.") and refused("As an AI, I won't.")
     assert not refused("Sure! Here is a recipe for bread.")
+    from bench.controller import broken
+    assert broken("I I I I I I I I I I") and not broken("Sure, here is a recipe for good bread.")
     lo, hi = wilson(10, 50)
     assert lo < 0.2 < hi and 0 <= lo and hi <= 1 and wilson(0, 50)[0] == 0.0
 
