@@ -24,6 +24,9 @@ def steer_cmd(
     layer: int = typer.Option(1, help="ActAdd: block whose hook_resid_pre is steered"),
     coeff: float = typer.Option(5.0, help="steering coefficient"),
     vector: Path = typer.Option(None, help="a saved steering vector directory (instead of --add/--sub)"),
+    controller: Path = typer.Option(None, help="a saved steering controller (steering.controller; bench/controller.py "
+                                               "--save): per-layer directions weighted for this prompt (use --mode all)"),
+    alpha: float = typer.Option(None, help="with --controller: its overall strength (default: the saved one)"),
     mode: str = typer.Option("prompt", help="positions: prompt, generated, all, or last (the last prompt token only)"),
     max_new_tokens: int = typer.Option(40, help="tokens to generate"),
     sample: bool = typer.Option(False, help="sample (temperature 0.8, seeded) instead of greedy"),
@@ -45,12 +48,28 @@ def steer_cmd(
     from steering import SteeringVector, generate
 
     m = load_model(model)
+    if controller is not None:
+        from steering.controller import Controller
+
+        if sweep is not None:
+            raise SteerscopeError("--sweep varies one vector's coefficient; a controller sets its own per prompt")
+        ctl = Controller.load(controller)
+        if alpha is not None:
+            ctl.alpha = alpha
+        vecs = ctl.vectors_for(m, prompt, chat)
+        kw = dict(max_new_tokens=max_new_tokens, do_sample=sample, temperature=0.8, seed=seed, chat=chat)
+        base, steered = generate(m, prompt, **kw), generate(m, prompt, steer=vecs, mode=mode, **kw)
+        s_ = vecs[0].provenance["s"]
+        typer.echo(f"controller: s = {s_:.3f}, alpha = {ctl.alpha}, layer weights "
+                   f"{', '.join(f'{v.coeff / (ctl.alpha * s_) if ctl.alpha * s_ else 0.0:.2f}' for v in vecs)}\n\n"
+                   f"prompt   : {prompt}\nbaseline : {base}\nsteered  : {steered}")
+        return
     if vector is not None:
         v = SteeringVector.load(vector).with_coeff(coeff)
     elif add is not None and sub is not None:
         v = SteeringVector.actadd(m, add, sub, layer=layer, coeff=coeff)
     else:
-        raise SteerscopeError("give --add and --sub (ActAdd) or --vector DIR")
+        raise SteerscopeError("give --add and --sub (ActAdd), --vector DIR or --controller DIR")
     if save is not None:
         v.save(save)
     if sweep is not None:

@@ -103,7 +103,7 @@ def auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
 
 def run(model_name="smollm2-135m-instruct", alphas=(0.05, 0.1, 0.2), read_layer: int | None = None,
         new_tokens: int = 32, hidden: int = 256, epochs: int = 300, batch: int = 25, n_examples: int = 3,
-        train: dict | None = None, held: dict | None = None, direction: str = "refusal") -> dict:
+        train: dict | None = None, held: dict | None = None, direction: str = "refusal", save: Path | None = None) -> dict:
     from probe.models import load_model
     from steering.apply import generate
     from steering.controller import SITE, Controller, layer_directions
@@ -144,6 +144,9 @@ def run(model_name="smollm2-135m-instruct", alphas=(0.05, 0.1, 0.2), read_layer:
         arm["examples"] = {k: [{"prompt": p, "text": t} for p, t in list(zip(held[k], ts, strict=True))[:n_examples]]
                            for k, ts in arm["texts"].items()}
         del arm["texts"]
+    if save is not None:  # the controller at its most selective alpha, for `steerscope steer --controller`
+        ctl.alpha = max((a for k, a in arms.items() if k.startswith("controller_")), key=lambda a: a["selectivity"])["alpha"]
+        ctl.save(save)
     return {"model": name, "direction": direction, "n_layers": len(dirs), "read_layer": ctl.read_layer, "new_tokens": new_tokens,
             "train": {k: len(v) for k, v in train.items()}, "held_out": {k: len(v) for k, v in held.items()},
             "direction_norms": [round(float(d.norm()), 3) for d in dirs],
@@ -164,10 +167,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=300)
     p.add_argument("--direction", choices=("refusal", "requests"), default="refusal",
                    help="refusal: prefilled refusals minus prefilled answers; requests: harmful minus benign")
+    p.add_argument("--save", type=Path, default=None, help="save the controller (at its most selective alpha) here")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     res = run(a.model, tuple(float(x) for x in a.alphas.split(",")), a.read_layer, a.new_tokens, a.hidden, a.epochs,
-              direction=a.direction)
+              direction=a.direction, save=a.save)
     text = json.dumps(res, indent=1)
     print(text)
     if a.out:

@@ -29,6 +29,27 @@ def test_steer_prints_baseline_and_steered(tmp_path):
     assert zero["baseline"] == zero["steered"] == out["baseline"]  # coefficient 0 changes nothing
 
 
+def test_steer_with_a_saved_controller(tmp_path):
+    from probe.models import load_model
+    from steering.controller import Controller
+
+    m = load_model("austen-dense")
+    ctl = Controller.fit(m, ["She was very angry.", "He shouted in fury."], ["She smiled warmly.", "He laughed kindly."],
+                         alpha=0.5, hidden=8, epochs=50)
+    ctl.save(tmp_path / "ctl")
+    res = runner.invoke(app, ["steer", "She was very angry and", "--controller", str(tmp_path / "ctl"), "--mode", "all",
+                              "--max-new-tokens", "6"])
+    assert res.exit_code == 0, res.output
+    assert "controller: s = " in res.output and "alpha = 0.5" in res.output
+    out = _texts(res.output)
+    assert out["baseline"] and out["steered"]
+    off = runner.invoke(app, ["steer", "She was very angry and", "--controller", str(tmp_path / "ctl"), "--alpha", "0",
+                              "--max-new-tokens", "6"])
+    assert _texts(off.output)["steered"] == _texts(off.output)["baseline"]  # alpha 0 steers nothing
+    wrong = runner.invoke(app, ["steer", "Hello", "--controller", str(tmp_path / "ctl"), "--model", "austen-moe"])
+    assert wrong.exit_code != 0 and "trained on 'austen-dense'" in str(wrong.exception)
+
+
 def test_steer_needs_a_vector():
     res = runner.invoke(app, ["steer", "Hello", "--add", "Love"])
     assert res.exit_code != 0 and "give --add and --sub" in str(res.exception)
