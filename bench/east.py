@@ -32,7 +32,6 @@ Prints one JSON object (``--out`` also writes it to a file).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.report import emit
 from probe.errors import SteerscopeError
 
 RULES = ("You are playing a game with two slot machines, A and B. Each pull of a machine pays a reward from 0 "
@@ -230,10 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     res = run(a.model, a.layer, a.fit_episodes, a.eval_episodes, a.steps,
               tuple(float(x) for x in a.betas.split(",")), tuple(float(x) for x in a.taus.split(",")), a.gap, a.sd,
               seed=a.seed)
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
+    emit(res, a.out)
 
 
 if __name__ == "__main__":

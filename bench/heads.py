@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bench.report import emit
 from probe.errors import SteerscopeError
 
 DATA = Path(__file__).parent / "data" / "ioi.json"
@@ -151,10 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     res = run(a.model, a.prompts, a.n_train, a.d_sae, a.top, a.seeds, a.epochs, a.l1)
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
+    emit(res, a.out)
 
 
 if __name__ == "__main__":
