@@ -35,7 +35,7 @@ def openings(model, n: int, n_tok: int) -> list[str]:
     return [model.tokenizer.decode(ids[i * stride: i * stride + body]).strip() for i in range(n)]
 
 
-def run(model_name: str, transcoders: Path, n_prompts: int, n_tok: int, n_top: int, cap: int, full: bool = True,
+def run(model_name, transcoders: Path, n_prompts: int, n_tok: int, n_top: int, cap: int, full: bool = True,
         sub_caps: tuple[int, ...] = ()) -> dict:
     import torch
 
@@ -44,7 +44,8 @@ def run(model_name: str, transcoders: Path, n_prompts: int, n_tok: int, n_top: i
     from saes.circuits.attribution import attribute
     from saes.circuits.validate import ablation_check, spearman, virtual_weight_agreement
 
-    model = load_model(model_name)
+    model = load_model(model_name) if isinstance(model_name, str) else model_name  # a name, or a model
+    model_name = model_name if isinstance(model_name, str) else model.cfg.model_name
     tcs = load_transcoders(transcoders)
     prompts = openings(model, n_prompts, n_tok)
     attribute(model, tcs, prompts[0], max_feature_nodes=min(cap, 64))  # warm-up
@@ -61,7 +62,8 @@ def run(model_name: str, transcoders: Path, n_prompts: int, n_tok: int, n_top: i
         preds += check["predicted"]
         meas += check["measured"]
         frozen += check["measured_frozen"]
-        rows.append({"prompt": p, "n_pos": g.n_pos, "n_features": g.n_features, "full_s": round(full_s, 3),
+        rows.append({"prompt": p, "n_pos": g.n_pos, "n_features": g.n_features,
+                     "full_s": None if full_s is None else round(full_s, 3),
                      "cap_s": round(cap_s, 3), **{f"full_{k}": v for k, v in g.scores.items()},
                      **{f"cap_{k}": v for k, v in gc.scores.items()}, "ablation_spearman": check["spearman"],
                      "ablation_spearman_frozen": check["spearman_frozen"],
