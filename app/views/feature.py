@@ -43,11 +43,11 @@ nav = st.columns([2, 1.1, 1.1, 1.3, 4], vertical_alignment="bottom")
 nav[0].number_input("feature id", min_value=0, max_value=n - 1, step=1, key="feature_id", on_change=on_input)
 fid = int(st.session_state.feature_id)
 nav[1].button("Prev", key="feature_prev", icon=":material/chevron_left:", on_click=go, args=(fid - 1,),
-              use_container_width=True)
+              width="stretch")
 nav[2].button("Next", key="feature_next", icon=":material/chevron_right:", on_click=go, args=(fid + 1,),
-              use_container_width=True)
+              width="stretch")
 nav[3].button("Random", key="feature_random", icon=":material/casino:", on_click=lambda: go(random.randrange(n)),
-              use_container_width=True)
+              width="stretch")
 if url_error is not None:
     st.warning(f"{url_error}. Showing feature {fid} instead.", icon=":material/warning:")
 
