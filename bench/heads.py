@@ -92,22 +92,33 @@ def task_check(model, prompts: dict) -> dict:
 
 
 def run(model_name, n_prompts: int = 40, n_train: int = 5, d_sae: int = 200, top: int | None = None,
-        seeds: int = 5, epochs: int = 500, l1: float = 0.02) -> dict:
+        seeds: int = 5, epochs: int = 500, l1: float = 0.02, position: str = "mean",
+        reference: dict | None = None) -> dict:
     from probe.models import load_model
     from saes.circuits.heads import agreement, head_outputs, rank_heads
     from steering.patching import head_patching, logit_diff
 
     t0 = time.perf_counter()
     model = load_model(model_name, device="cpu") if isinstance(model_name, str) else model_name  # or a model
-    model_name = model_name if isinstance(model_name, str) else model.cfg.model_name
+    model_name = name = model_name if isinstance(model_name, str) else model.cfg.model_name
     prompts = ioi_prompts(model, n_prompts)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     top = top or max(3, round(0.1 * L * H))
     check = task_check(model, prompts)
-    patching = head_patching(model, prompts["positive"], prompts["negative"], logit_diff(prompts["io"], prompts["s"]))
-    truth = patching.ranking()[:top]
+    if reference is not None:  # an earlier run's patching on the same prompts (they are seeded): not redone
+        if reference["example"] != {"positive": prompts["positive"][0], "negative": prompts["negative"][0]} or \
+                reference["n_prompts"] != n_prompts or reference["model"] != name:
+            raise SteerscopeError("the reference run used other prompts or another model; run the patching again")
+        pt = reference["patching"]
+        top, truth = pt["top"], [tuple(h) for h in pt["truth"]]
+    else:
+        patching = head_patching(model, prompts["positive"], prompts["negative"], logit_diff(prompts["io"], prompts["s"]))
+        truth = patching.ranking()[:top]
+        pt = {"seconds": patching.seconds, "forward_passes": L * H + 2, "top": top, "truth": truth,
+              "effects_of_truth": [round(float(patching.effects[a, b]), 4) for a, b in truth],
+              "metric_positive": patching.metric_base, "metric_negative": patching.metric_source}
     t1 = time.perf_counter()
-    acts = head_outputs(model, prompts["positive"] + prompts["negative"])
+    acts = head_outputs(model, prompts["positive"] + prompts["negative"], position=position)
     capture_s = time.perf_counter() - t1
     labels = torch.arange(2 * n_prompts) < n_prompts
     runs, shuffled = [], []
@@ -127,10 +138,8 @@ def run(model_name, n_prompts: int = 40, n_train: int = 5, d_sae: int = 200, top
         "model": model_name, "n_layers": L, "n_heads": H, "n_prompts": n_prompts, "names": len(prompts["names"]),
         "example": {"positive": prompts["positive"][0], "negative": prompts["negative"][0]},
         "task": check,
-        "patching": {"seconds": patching.seconds, "forward_passes": L * H + 2, "top": top, "truth": truth,
-                     "effects_of_truth": [round(float(patching.effects[a, b]), 4) for a, b in truth],
-                     "metric_positive": patching.metric_base, "metric_negative": patching.metric_source},
-        "sae": {"n_train_each": n_train, "d_sae": d_sae, "l1": l1, "epochs": epochs, "seeds": seeds,
+        "patching": {**pt, "reused": reference is not None},
+        "sae": {"position": position, "n_train_each": n_train, "d_sae": d_sae, "l1": l1, "epochs": epochs, "seeds": seeds,
                 "capture_seconds": capture_s, "auc": band(runs, "auc"), "precision_at_k": band(runs, "precision_at_k"),
                 "recall_at_k": band(runs, "recall_at_k"), "precision": band(runs, "precision"),
                 "recall": band(runs, "recall"), "seconds": band(runs, "seconds"), "runs": runs},
@@ -149,9 +158,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=500)
     p.add_argument("--l1", type=float, default=0.02)
+    p.add_argument("--position", choices=("mean", "last"), default="mean",
+                   help="head outputs averaged over the prompt (the authors' code) or at its last token")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="an earlier run's JSON: reuse its patching (same model, prompts and seed) instead of redoing it")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
-    res = run(a.model, a.prompts, a.n_train, a.d_sae, a.top, a.seeds, a.epochs, a.l1)
+    ref = json.loads(a.reference.read_text()) if a.reference else None
+    res = run(a.model, a.prompts, a.n_train, a.d_sae, a.top, a.seeds, a.epochs, a.l1, a.position, ref)
     emit(res, a.out)
 
 

@@ -27,10 +27,13 @@ from probe.tokens import encode_all, pad, real_mask
 
 
 @torch.no_grad()
-def head_outputs(model, prompts: Sequence[str], batch_size: int = 16) -> Tensor:
-    """[n_prompts, n_layers, n_heads, d_model]: each head's output (z_h W_O[h]) averaged over the prompt's tokens."""
+def head_outputs(model, prompts: Sequence[str], batch_size: int = 16, position: str = "mean") -> Tensor:
+    """[n_prompts, n_layers, n_heads, d_model]: each head's output (z_h W_O[h]) averaged over the prompt's tokens
+    (``position="mean"``, as the authors' code does) or at its last token (``"last"``)."""
     if isinstance(prompts, str) or not len(prompts):
         raise SteerscopeError("give a non-empty list of prompts")
+    if position not in ("mean", "last"):
+        raise SteerscopeError(f"position must be 'mean' or 'last', got {position!r}")
     seqs = encode_all(model, list(prompts))
     L = model.cfg.n_layers
     sites = [f"blocks.{layer}.attn.hook_z" for layer in range(L)]
@@ -38,6 +41,8 @@ def head_outputs(model, prompts: Sequence[str], batch_size: int = 16) -> Tensor:
     for i in range(0, len(seqs), batch_size):
         tokens, lengths = pad(model, seqs[i : i + batch_size])
         mask = real_mask(lengths, tokens.shape[1]).to(model.cfg.device).float()  # [b, T]
+        if position == "last":  # right-padded: only each row's last real token
+            mask = torch.zeros_like(mask).scatter_(1, (lengths - 1)[:, None].to(mask.device), 1.0)
         with capture(model, sites) as acts:
             model(tokens.to(model.cfg.device), return_type=None)
         per_layer = []
@@ -127,14 +132,15 @@ class HeadRanking:
 
 def find_heads(model, positive: Sequence[str], negative: Sequence[str], n_train: int = 5, d_sae: int = 200,
                l1_coeff: float = 0.02, epochs: int = 500, lr: float = 1e-3, normalise: bool = False,
-               seed: int = 0) -> HeadRanking:
+               seed: int = 0, position: str = "mean") -> HeadRanking:
     """Rank ``model``'s attention heads by the codes unique to ``positive`` prompts. The SAE trains on ``n_train``
-    prompts of each kind (every head's vector of each is a row); codes and scores use every prompt given."""
+    prompts of each kind (every head's vector of each is a row); codes and scores use every prompt given;
+    ``position``: see :func:`head_outputs`."""
     positive, negative = list(positive), list(negative)
     if min(len(positive), len(negative)) < 1:
         raise SteerscopeError(f"need positive and negative prompts, got {len(positive)} and {len(negative)}")
     t0 = time.perf_counter()
-    acts = head_outputs(model, positive + negative)
+    acts = head_outputs(model, positive + negative, position=position)
     r = rank_heads(acts, torch.arange(len(acts)) < len(positive), n_train, d_sae, l1_coeff, epochs, lr, normalise, seed)
     r.seconds = time.perf_counter() - t0
     return r

@@ -34,6 +34,17 @@ def test_head_outputs_sum_to_the_attention_output(tiny_dense):
             assert torch.allclose(total, want, atol=1e-5)
 
 
+def test_last_position_outputs_are_the_last_tokens(tiny_dense):
+    acts = head_outputs(tiny_dense, POS[:3], batch_size=2, position="last")
+    for i, p in enumerate(POS[:3]):
+        with torch.no_grad(), capture(tiny_dense, "blocks.1.hook_attn_out") as got:
+            tiny_dense(encode(tiny_dense, p)[None])
+        want = got["blocks.1.hook_attn_out"][0, -1]
+        assert torch.allclose(acts[i, 1].sum(0) + tiny_dense.blocks[1].attn.b_O, want, atol=1e-5)
+    with pytest.raises(SteerscopeError, match="'mean' or 'last'"):
+        head_outputs(tiny_dense, POS, position="first")
+
+
 def test_code_scores_count_codes_unique_to_positives():
     # 4 prompts (2 positive), 1 layer, 2 heads
     codes = torch.tensor([[[1, 5]], [[2, 5]], [[2, 6]], [[3, 7]]])

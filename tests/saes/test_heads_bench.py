@@ -28,3 +28,18 @@ def test_run_at_tiny_size(tiny_dense):
     assert len(res["sae"]["runs"]) == 2 and all(0 <= r["auc"] <= 1 for r in res["sae"]["runs"])
     assert 0 <= res["shuffled_labels"]["auc"]["median"] <= 1
     assert set(res["task"]) == {"positive", "negative"}
+
+
+def test_a_reference_run_is_reused_only_for_the_same_prompts(tiny_dense):
+    import pytest
+
+    from probe.errors import SteerscopeError
+
+    first = run(tiny_dense, n_prompts=6, n_train=2, d_sae=16, top=3, seeds=1, epochs=20)
+    again = run(tiny_dense, n_prompts=6, n_train=2, d_sae=16, top=3, seeds=1, epochs=20, position="last",
+                reference=json.loads(json.dumps(first)))
+    assert again["patching"]["reused"] and [tuple(h) for h in again["patching"]["truth"]] == \
+        [tuple(h) for h in first["patching"]["truth"]]
+    assert again["sae"]["position"] == "last"
+    with pytest.raises(SteerscopeError, match="other prompts"):
+        run(tiny_dense, n_prompts=5, n_train=2, d_sae=16, top=3, seeds=1, epochs=20, reference=first)
