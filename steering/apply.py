@@ -234,6 +234,18 @@ def left_pad(model, prompts, chat: bool = False) -> tuple[Tensor, Tensor, Tensor
     return tokens, real_mask(lengths, tokens.shape[1], "left").to(dev), (tokens.shape[1] - lengths).to(dev)
 
 
+@torch.no_grad()
+def last_token_logits(model, tokens: Tensor, mask: Tensor, pairs=(), twin=None) -> Tensor:
+    """Next-token logits [B, V] at the last column of a left-padded batch (``left_pad``), with the ``(site, hook)``
+    ``pairs`` attached: on ``twin`` (``probe.twin``) when given, else on the HookedTransformer."""
+    if twin is not None:
+        with twin.hooks(list(pairs)):
+            return twin.forward(tokens, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                                last_only=True)[:, -1]
+    with hooks(model, list(pairs)):
+        return model(tokens, attention_mask=mask)[:, -1]
+
+
 def generate(model, prompts: str | Sequence[str], steer: Sequence[SteeringVector | Projection] | None = (),
              mode: Mode = "prompt", max_new_tokens: int = 40, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, do_sample: bool = False, seed: int | None = None,

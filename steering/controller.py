@@ -30,10 +30,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from probe.errors import SteerscopeError
-from probe.hooks import hooks
 from probe.sites import resolve_one
 from probe.twin import twin_of
-from steering.apply import left_pad
+from steering.apply import last_token_logits, left_pad
 from steering.vectors import SteeringVector
 
 SITE = "blocks.{L}.hook_resid_post"
@@ -57,13 +56,7 @@ def last_token_states(model, prompts: Sequence[str], sites: Sequence[str], chat:
                 got[name] = t[:, -1].detach().float().cpu()  # left-padded: the last column is every row's last token
             return fn
 
-        pairs = [(n, keep(n)) for n in names]
-        if twin is not None:
-            with twin.hooks(pairs):
-                twin.forward(tokens, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), last_only=True)
-        else:
-            with hooks(model, pairs):
-                model(tokens, attention_mask=mask, return_type=None)
+        last_token_logits(model, tokens, mask, [(n, keep(n)) for n in names], twin)
         for n in names:
             out[n].append(got[n])
     return {n: torch.cat(v) for n, v in out.items()}

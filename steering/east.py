@@ -32,10 +32,9 @@ import torch
 from torch import Tensor
 
 from probe.errors import SteerscopeError
-from probe.hooks import hooks
 from probe.sites import resolve_one
 from probe.twin import twin_of
-from steering.apply import left_pad
+from steering.apply import last_token_logits, left_pad
 from steering.apply import steer as steering
 from steering.vectors import SteeringVector
 
@@ -110,14 +109,7 @@ def decision_states(model, prompts: str | Sequence[str], actions: Sequence[int],
 
     pairs = [(resolve_one(model, site), keep)] if site else []
     with steering(model, list(steer), "last", prompt_len=P, pad_left=pad_left, twin=twin):
-        if twin is not None:
-            positions = (mask.cumsum(1) - 1).clamp(min=0)
-            with twin.hooks(pairs):
-                logits = twin.forward(tokens, attention_mask=mask, position_ids=positions, last_only=True)[:, -1]
-        else:
-            with hooks(model, pairs):
-                logits = model(tokens, attention_mask=mask)[:, -1]
-    logits = logits.float()
+        logits = last_token_logits(model, tokens, mask, pairs, twin).float()
     if not bool(torch.isfinite(logits).all()):
         raise SteerscopeError("the steered activations overflowed (the logits are not finite); use a smaller coeff")
     idx = torch.as_tensor([int(a) for a in actions], device=logits.device)

@@ -103,8 +103,7 @@ def store_from_url() -> str | None:
     if raw not in choices:
         return f"no feature store {raw!r} here (these are: {', '.join(choices)}); showing {store_key()}"
     if raw != store_key():
-        switch_store(raw)
-        st.session_state.store_url = raw
+        switch_store(raw)  # keeps store_url (a "store_" key)
     return None
 
 

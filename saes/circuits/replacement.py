@@ -116,7 +116,7 @@ class Replacement:
         fwd += [(f"blocks.{L}.ln2.hook_normalized", grab(f"blocks.{L}.ln2.hook_normalized")) for L in range(self.L)]
         fwd += [(f"blocks.{L}.hook_mlp_out", mlp_out(L)) for L in range(self.L)]
         fwd += [("ln_final.hook_normalized", grab("ln_final.hook_normalized"))]
-        with hooks(model, fwd), _no_weight_grads(model, self.tcs):
+        with hooks(model, fwd), _no_weight_grads(model, *self.tcs.by_layer.values()):
             batch = self.tokens[None].expand(B, -1).to(dev)
             if stop is None:
                 model(batch, return_type=None)
@@ -160,8 +160,7 @@ def _like(module, device, dtype):
 def _no_weight_grads(*modules):
     """Only the leaves need gradients: with the weights' ``requires_grad`` off, backward skips every weight
     gradient (about a third of its work); the flags are restored afterwards."""
-    params = [p for m in modules for p in (m.parameters() if hasattr(m, "parameters") else
-                                          (q for d in m.by_layer.values() for q in d.parameters()))]
+    params = [p for m in modules for p in m.parameters()]
     flags = [p.requires_grad for p in params]
     try:
         for p in params:
