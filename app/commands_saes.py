@@ -1,4 +1,4 @@
-"""``steerscope train``, ``steerscope snmf`` and ``steerscope eval``; :func:`register` adds them to the CLI.
+"""``steerscope train``, ``steerscope snmf``, ``steerscope codebook`` and ``steerscope eval``; :func:`register` adds them to the CLI.
 
 Errors a user can fix are raised as ``SteerscopeError``; ``app.cli.main`` prints them in one line.
 """
@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
     """Add the dictionary commands to ``app``."""
     app.command("train")(train_cmd)
     app.command("snmf")(snmf_cmd)
+    app.command("codebook")(codebook_cmd)
     app.command("eval")(eval_cmd)
 
 
@@ -151,6 +152,45 @@ def snmf_cmd(
                     n_tokens=n_tokens, progress=progress, model=model)
     snmf.save(out)
     _echo_json({"out": str(out), **snmf.cfg.training})
+
+
+def codebook_cmd(
+    model: str = typer.Option("austen-dense", help="zoo model to fine-tune (a name or a zoo directory)"),
+    layers: str = typer.Option("all", help="layers whose MLP output gets a codebook: 'all' or e.g. '1,2'"),
+    n_codes: int = typer.Option(1024, help="codes per codebook"),
+    k: int = typer.Option(8, help="codes active per position"),
+    n_tokens: int = typer.Option(400_000, help="fine-tuning tokens"),
+    batch_size: int = typer.Option(8, help="contexts per step"),
+    lr: float = typer.Option(3e-4, help="learning rate of the model's weights"),
+    code_lr: float = typer.Option(1e-3, help="learning rate of the codes"),
+    refresh_every: int = typer.Option(25, help="steps between re-initialising unused codes"),
+    eval_contexts: int = typer.Option(None, help="test contexts for the loss (default: the whole test split)"),
+    control: bool = typer.Option(False, "--control/--no-control",
+                                 help="also fine-tune without codebooks, to separate the bottleneck's cost"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("runs/codebook"), help="output model directory"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a non-empty --out"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Codebook features (Tamkin et al.): fine-tune a zoo model with a k-of-N codebook on MLP outputs.
+
+    OUT is a model directory (``--model OUT`` anywhere loads the quantised model) with card.json (test loss of
+    the original and of the codebook model, code usage) and dictionaries/<site>, one per codebook, for
+    ``steerscope features`` and ``steerscope app`` (codes as features). Prints the card as JSON.
+    """
+    from saes.codebook import fine_tune
+
+    chosen = None if layers.strip() == "all" else _int_list(layers, "--layers")
+    card = fine_tune(model, out, chosen, n_codes, k, n_tokens, batch_size, lr, code_lr, refresh_every, eval_contexts,
+                     seed, control, overwrite, progress)
+    _echo_json({k: v for k, v in card.items() if k != "history"})
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SteerscopeError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
 def eval_cmd(

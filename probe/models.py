@@ -163,6 +163,10 @@ def _load_zoo_dir(path: Path, device: str, dtype: torch.dtype):
     cfg = json.loads((path / "config.json").read_text())
     model = build_model(cfg, path / "tokenizer.json", device=device, dtype=dtype)
     load_zoo_weights(model, path / "model.safetensors")
+    if (path / "codebooks.json").exists():  # a codebook fine-tune (saes.codebook): its bottlenecks go back on
+        from probe.codebook import attach, load_codebooks
+
+        attach(model, load_codebooks(path))
     return model.eval()
 
 

@@ -256,7 +256,7 @@ def _import_all() -> None:
     """Import every architecture module so the registry is complete."""
     import importlib
 
-    for mod in ("relu", "topk", "batchtopk", "jumprelu", "gsae", "transcoder", "snmf"):
+    for mod in ("relu", "topk", "batchtopk", "jumprelu", "gsae", "transcoder", "snmf", "codebook"):
         importlib.import_module(f"saes.{mod}")
 
 
