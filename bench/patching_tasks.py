@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from bench.heads import single_token_names
 from bench.report import emit
@@ -260,7 +261,7 @@ def run_task(model, task: str, layers: list[int], mlp_layer: int, n_train: int, 
     if do_grid:
         out["grid"] = grid(model, gp, grid_pairs)
     sweep = []
-    for L in tqdm_layers(layers, task):
+    for L in tqdm(layers, desc=f"{task}: DAS layer sweep", unit="layer"):
         c = compare_at(model, f"blocks.{L}.hook_resid_pre", train, test, steps, lr, seed)
         c.pop("basis")
         sweep.append({"layer": L, **c})
@@ -268,12 +269,6 @@ def run_task(model, task: str, layers: list[int], mlp_layer: int, n_train: int, 
     out["illusion"] = illusion_at(model, mlp_layer, train, test, steps, lr, seed)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
-
-
-def tqdm_layers(layers, task):
-    from tqdm.auto import tqdm
-
-    return tqdm(layers, desc=f"{task}: DAS layer sweep", unit="layer")
 
 
 def run(model_name, tasks=("ioi", "capitals"), layers: list[int] | None = None, mlp_layer: int | None = None,
