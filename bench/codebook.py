@@ -38,7 +38,7 @@ from bench.report import emit
 from probe.errors import SteerscopeError
 
 
-def test_contexts(model, n: int, split: str = "test", n_ctx: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def split_contexts(model, n: int, split: str = "test", n_ctx: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     from bench.inlp import contexts
     from probe import load_corpus
 
@@ -94,7 +94,7 @@ def concept_code(model, words: list[str], n_contexts: int) -> dict:
     from saes.codebook import code_ids
     from steering.effects import token_id
 
-    tokens, _ = test_contexts(model, n_contexts, split="val")
+    tokens, _ = split_contexts(model, n_contexts, split="val")
     word_ids = torch.tensor([token_id(model, " " + w) for w in words])
     nxt = torch.isin(tokens[:, 1:], word_ids)  # next token is a concept word, for positions 0..T-2
     best = None
@@ -112,7 +112,8 @@ def concept_code(model, words: list[str], n_contexts: int) -> dict:
     return best
 
 
-def steer_rows(model, out: Path, pick: dict, words: list[str], coeffs: list[float], samples: int, seed: int) -> dict:
+def steer_rows(model, out: Path, pick: dict, words: list[str], coeffs: list[float], samples: int, seed: int,
+               n_prompts: int = 16, new_tokens: int = 40) -> dict:
     from app.commands_steer import _openings
     from probe import load_corpus
     from saes.base import load_dictionary
@@ -120,7 +121,7 @@ def steer_rows(model, out: Path, pick: dict, words: list[str], coeffs: list[floa
     from steering.vectors import SteeringVector
 
     d = load_dictionary(out / "dictionaries" / pick["site"])
-    prompts, off = _openings(16), [doc[:400] for doc in load_corpus("austen", split="val")[:8]]
+    prompts, off = _openings(n_prompts), [doc[:400] for doc in load_corpus("austen", split="val")[:8]]
     live = [c for c in pick["live"] if c != pick["code"]]
     rand = random.Random(seed).choice(live)
     res = {}
@@ -128,16 +129,17 @@ def steer_rows(model, out: Path, pick: dict, words: list[str], coeffs: list[floa
         norm = float(d.W_dec[code].norm())
         v = SteeringVector.from_feature(d, code, coeff=norm)
         rows = coefficient_sweep(model, v, [c * norm for c in coeffs], prompts, words, off, samples=samples,
-                                 max_new_tokens=40, seed=seed, mode="all")
+                                 max_new_tokens=new_tokens, seed=seed, mode="all")
         res[name] = {"code": code, "norm": round(norm, 3),
                      "rows": [{"times_code": c, **{k: (round(x, 4) if isinstance(x, float) else x)
                                                    for k, x in r._asdict().items()}} for c, r in zip(coeffs, rows, strict=True)]}
-    res["prompts"], res["samples_per_prompt"], res["new_tokens"] = len(prompts), samples, 40
+    res["prompts"], res["samples_per_prompt"], res["new_tokens"] = len(prompts), samples, new_tokens
     return res
 
 
 def run(out: Path, reuse: bool, n_codes: int, k: int, n_tokens: int, control: bool, contexts: int, concept: str,
-        coeffs: list[float], samples: int, seed: int) -> dict:
+        coeffs: list[float], samples: int, seed: int, base: str = "austen-dense", eval_contexts: int | None = None,
+        n_prompts: int = 16, new_tokens: int = 40, progress: bool = True) -> dict:
     from probe.models import load_model
     from saes.codebook import fine_tune
     from steering.compare import AUSTEN_CONCEPTS
@@ -151,14 +153,15 @@ def run(out: Path, reuse: bool, n_codes: int, k: int, n_tokens: int, control: bo
         if "test" not in card:
             raise SteerscopeError(f"{out} holds no finished codebook fine-tune to reuse; run without --reuse")
     else:
-        card = fine_tune("austen-dense", out, None, n_codes, k, n_tokens, control_run=control, seed=seed)
+        card = fine_tune(base, out, None, n_codes, k, n_tokens, control_run=control, seed=seed,
+                         eval_contexts=eval_contexts, progress=progress)
     t1 = time.perf_counter()
     model = load_model(str(out))
-    tokens, labels = test_contexts(model, contexts)
+    tokens, labels = split_contexts(model, contexts)
     table = code_table(model, tokens, labels)
     words = AUSTEN_CONCEPTS[concept]
     pick = concept_code(model, words, contexts)
-    steering = steer_rows(model, out, pick, words, coeffs, samples, seed)
+    steering = steer_rows(model, out, pick, words, coeffs, samples, seed, n_prompts, new_tokens)
     return {"model": card.get("name"), "sites": card.get("sites"), "n_codes": card.get("n_codes"), "k": card.get("k"),
             "fine_tune": {"hyperparameters": card.get("hyperparameters"), "test": card.get("test"),
                           "code_usage_test": card.get("code_usage"), "wall_time_s": card.get("wall_time_s"),
@@ -172,6 +175,7 @@ def run(out: Path, reuse: bool, n_codes: int, k: int, n_tokens: int, control: bo
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("runs/codebook"), help="the codebook model directory")
+    p.add_argument("--base", default="austen-dense", help="the zoo model to fine-tune (a name or a directory)")
     p.add_argument("--reuse", action="store_true", help="measure the fine-tune already in --out")
     p.add_argument("--n-codes", type=int, default=1024)
     p.add_argument("--k", type=int, default=8)
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     a = p.parse_args(argv)
     coeffs = [float(c) for c in a.coeffs.split(",")]
-    emit(run(a.out, a.reuse, a.n_codes, a.k, a.n_tokens, a.control, a.contexts, a.concept, coeffs, a.samples, a.seed),
+    emit(run(a.out, a.reuse, a.n_codes, a.k, a.n_tokens, a.control, a.contexts, a.concept, coeffs, a.samples, a.seed, a.base),
          a.json)
 
 

@@ -78,3 +78,21 @@ def tokens() -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
     body = torch.randint(3, MODEL_SPECS["austen-dense"]["d_vocab"], (2, 6), generator=gen)
     return torch.cat([torch.zeros(2, 1, dtype=torch.long), body], dim=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo(tmp_path_factory):
+    """A zoo-style model directory (config.json, model.safetensors, tokenizer.json) of tiny austen-dense."""
+    import json
+    import shutil
+
+    from probe.models import save_zoo_weights
+
+    d = tmp_path_factory.mktemp("tinyzoo")
+    spec = _tiny_spec("austen-dense")
+    torch.manual_seed(0)
+    save_zoo_weights(build_model(spec, TOKENIZER_FILE), d / "model.safetensors", dtype=torch.float32)
+    (d / "config.json").write_text(json.dumps(spec))
+    shutil.copy(TOKENIZER_FILE, d / "tokenizer.json")
+    (d / "card.json").write_text("{}")
+    return d

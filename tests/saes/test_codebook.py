@@ -4,7 +4,6 @@ code, and the bad inputs."""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 
 from probe.codebook import Codebook
 from probe.errors import SteerscopeError
-from probe.models import load_model, save_zoo_weights
+from probe.models import load_model
 from saes.base import load_dictionary
 
 
@@ -59,20 +58,6 @@ def test_bad_codebook_shapes_get_one_clear_line():
         Codebook(0, 8, 1)
     with pytest.raises(SteerscopeError, match="width 8 got an activation of width 3"):
         Codebook(4, 8, 1)(torch.randn(2, 3))
-
-
-@pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory, tiny_spec, tokenizer_file):
-    from probe.models import build_model
-
-    d = tmp_path_factory.mktemp("tinyzoo")
-    spec = tiny_spec("austen-dense")
-    torch.manual_seed(0)
-    save_zoo_weights(build_model(spec, tokenizer_file), d / "model.safetensors", dtype=torch.float32)
-    (d / "config.json").write_text(json.dumps(spec))
-    shutil.copy(tokenizer_file, d / "tokenizer.json")
-    (d / "card.json").write_text("{}")
-    return d
 
 
 @pytest.fixture(scope="module")
