@@ -24,6 +24,14 @@ def steer_cmd(
     layer: int = typer.Option(1, help="ActAdd: block whose hook_resid_pre is steered"),
     coeff: float = typer.Option(5.0, help="steering coefficient"),
     vector: Path = typer.Option(None, help="a saved steering vector directory (instead of --add/--sub)"),
+    feature: str = typer.Option(None, help="DIR:N, a dictionary feature as the vector: the unit decoder row N of the "
+                                           "dictionary in DIR (an SAE, transcoder, SNMF or codebook; e.g. "
+                                           "runs/codebook/dictionaries/blocks.1.hook_mlp_out:17), added with --coeff "
+                                           "as its length in the residual stream"),
+    erase: Path = typer.Option(None, help="a saved INLP erasure directory (steering.INLP.save): project the concept "
+                                          "out at --site during generation instead of adding a vector"),
+    site: str = typer.Option(None, help="with --erase: the hook the projection applies at (default: the site its "
+                                        "provenance records)"),
     controller: Path = typer.Option(None, help="a saved steering controller (steering.controller; bench/controller.py "
                                                "--save): per-layer directions weighted for this prompt (use --mode all)"),
     alpha: float = typer.Option(None, help="with --controller: its overall strength (default: the saved one)"),
@@ -64,12 +72,22 @@ def steer_cmd(
                    f"{', '.join(f'{v.coeff / (ctl.alpha * s_) if ctl.alpha * s_ else 0.0:.2f}' for v in vecs)}\n\n"
                    f"prompt   : {prompt}\nbaseline : {base}\nsteered  : {steered}")
         return
-    if vector is not None:
+    given = [name for name, x in (("--vector", vector), ("--feature", feature), ("--erase", erase)) if x is not None]
+    if len(given) > 1 or (given and (add is not None or sub is not None)):
+        raise SteerscopeError(f"give one of --add/--sub, --vector, --feature, --erase; got {', '.join(given)}"
+                              + (" and --add/--sub" if add is not None or sub is not None else ""))
+    if erase is not None:
+        if sweep is not None or save is not None:
+            raise SteerscopeError("--erase projects a concept out; it has no coefficient to --sweep and no vector to --save")
+        v = _erasure(erase, site)
+    elif vector is not None:
         v = SteeringVector.load(vector).with_coeff(coeff)
+    elif feature is not None:
+        v = feature_vector(feature, coeff, m)
     elif add is not None and sub is not None:
         v = SteeringVector.actadd(m, add, sub, layer=layer, coeff=coeff)
     else:
-        raise SteerscopeError("give --add and --sub (ActAdd), --vector DIR or --controller DIR")
+        raise SteerscopeError("give --add and --sub (ActAdd), --vector DIR, --feature DIR:N, --erase DIR or --controller DIR")
     if save is not None:
         v.save(save)
     if sweep is not None:
@@ -105,6 +123,33 @@ def experts_cmd(
     if plot is not None:
         scores.heatmap(by).write_html(str(plot))
         typer.echo(f"heatmap: {plot}")
+
+
+def feature_vector(spec: str, coeff: float, model):
+    """``DIR:N`` -> the unit steering vector of feature N of the dictionary saved in DIR, at length ``coeff``."""
+    from saes.base import load_dictionary
+    from steering import SteeringVector
+
+    where, sep, index = spec.rpartition(":")
+    if not sep or not where or not index.strip().lstrip("-").isdigit():
+        raise SteerscopeError(f"--feature wants DIR:N (a dictionary directory and a feature index), got {spec!r}")
+    if not Path(where).is_dir():
+        raise SteerscopeError(f"--feature {spec}: {where} is not a directory (a saved dictionary: cfg.json + weights)")
+    d = load_dictionary(where)
+    want = getattr(d.cfg, "model", None)
+    if want and getattr(model.cfg, "model_name", None) not in (None, want) and Path(want).name != model.cfg.model_name:
+        typer.echo(f"note: {where} was trained on {want!r}; steering {model.cfg.model_name!r}", err=True)
+    return SteeringVector.from_feature(d, int(index), coeff=coeff, model=model)
+
+
+def _erasure(path: Path, site: str | None):
+    from steering import INLP
+
+    erasure = INLP.load(path)
+    site = site or erasure.provenance.get("site")
+    if not site:
+        raise SteerscopeError(f"{path} records no site in its provenance; give --site (e.g. blocks.2.hook_resid_post)")
+    return erasure.at(site)
 
 
 def _openings(n: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""Steer: add dictionary features or saved steering vectors and compare steered with baseline generations.
+"""Steer: add dictionary features or saved steering vectors, project out saved INLP erasures, or let a saved
+controller weight its per-layer directions, and compare steered with baseline generations.
 
 URL: ``steer?features=3,17&coeff=8`` (one coefficient for all, or one per feature); coefficients outside
 the sliders' range are clamped, with a warning.
@@ -57,11 +58,12 @@ def url_coeffs(n: int) -> list[float | None]:
     return (out * n)[:n] if len(out) == 1 else (out + [None] * n)[:n]
 
 
-def saved_vectors() -> dict[str, Path]:
+def saved(marker: str) -> dict[str, Path]:
+    """The directories in ``--vectors`` that hold ``marker`` (vector.json, inlp.json or controller.json)."""
     root = _ui.settings().vectors
     if not root or not Path(root).is_dir():
         return {}
-    return {p.name: p for p in sorted(Path(root).iterdir()) if (p / "vector.json").is_file()}
+    return {p.name: p for p in sorted(Path(root).iterdir()) if (p / marker).is_file()}
 
 
 st.session_state.setdefault("steer_features", st.query_params.get("features", ""))
@@ -71,7 +73,7 @@ with left:
     feats, bad = parse_ids(st.session_state.steer_features)
     for msg in bad:
         st.error(msg, icon=":material/error:")
-    library = saved_vectors()
+    library = saved("vector.json")
     chosen = st.multiselect("Saved steering vectors", list(library), key="steer_saved",
                             help="Vectors saved with SteeringVector.save in the --vectors directory.",
                             disabled=not library, placeholder="none found (start the app with --vectors DIR)"
@@ -96,6 +98,38 @@ with left:
             continue
         st.session_state.setdefault(f"coeff_v_{name}", max(-LIMIT, min(LIMIT, v.coeff)))
         coeffs[("vector", name)] = st.slider(f"vector {name} ({v.site})", -LIMIT, LIMIT, step=0.5, key=f"coeff_v_{name}")
+    erasure_dirs, controller_dirs = saved("inlp.json"), saved("controller.json")
+    projections = {}  # name -> (INLP, site)
+    if erasure_dirs:
+        for name in st.multiselect("Concept erasures (INLP)", list(erasure_dirs), key="steer_erase",
+                                   help="Saved with INLP.save: the concept's subspace is set to its mean at the site."):
+            from steering import INLP
+
+            try:
+                e = INLP.load(erasure_dirs[name])
+            except SteerscopeError as err:
+                _ui.fail(err)
+                continue
+            site = st.text_input(f"site for erasure {name} (rank {e.rank}, width {e.d})",
+                                 value=e.provenance.get("site", ""), key=f"erase_site_{name}",
+                                 placeholder="e.g. blocks.2.hook_resid_post")
+            projections[name] = (e, site.strip())
+    controller = None
+    if controller_dirs:
+        pick = st.selectbox("Controller", ["none", *controller_dirs], key="steer_controller",
+                            help="Saved with Controller.save: it reads the prompt and sets a scale and per-layer "
+                                 "weights for its directions (use positions 'all').")
+        if pick != "none":
+            from steering.controller import Controller
+
+            try:
+                controller = Controller.load(controller_dirs[pick])
+                st.session_state.setdefault("steer_alpha", float(controller.alpha))
+                controller.alpha = st.slider("controller strength (alpha)", 0.0, max(LIMIT, controller.alpha),
+                                             step=0.1, key="steer_alpha")
+            except SteerscopeError as err:
+                _ui.fail(err)
+                controller = None
 
 with right:
     st.text_input("Prompt", key="steer_prompt", value="She walked into the room and")
@@ -106,9 +140,9 @@ with right:
                         help="where the vectors are added: prompt tokens, generated tokens, both, or the last prompt token only")
     sample = c4.toggle("sample", value=True, key="steer_sample", help="sample at temperature 0.8 (off: greedy)")
     run = st.button("Generate", key="steer_run", type="primary", icon=":material/play_arrow:",
-                    disabled=not coeffs or not st.session_state.steer_prompt.strip())
-    if not coeffs:
-        st.info("Choose at least one feature or saved vector to steer with.")
+                    disabled=not (coeffs or projections or controller is not None) or not st.session_state.steer_prompt.strip())
+    if not (coeffs or projections or controller is not None):
+        st.info("Choose at least one feature, saved vector, erasure or controller to steer with.")
     if run:
         from steering import SteeringVector, generate
 
@@ -117,8 +151,14 @@ with right:
         try:
             steer = [SteeringVector.from_feature(dictionary, j, c, model=model) if kind == "feature"
                      else vectors[j].with_coeff(c) for (kind, j), c in coeffs.items()]
+            for name, (e, site) in projections.items():
+                if not site:
+                    raise SteerscopeError(f"erasure {name} needs a site (its provenance records none)")
+                steer.append(e.at(site))
             kw = dict(max_new_tokens=int(n_new), do_sample=bool(sample), temperature=0.8, seed=int(seed))
-            with _ui.model_lock():
+            with _ui.model_lock():  # the controller's read pass too: hooks live on the shared model
+                if controller is not None:
+                    steer += controller.vectors_for(model, st.session_state.steer_prompt)
                 base = generate(model, st.session_state.steer_prompt, **kw)
                 steered = generate(model, st.session_state.steer_prompt, steer=steer, mode=mode, **kw)
             ids = [model.to_tokens(t, prepend_bos=False)[0].tolist() for t in (base, steered)]

@@ -159,6 +159,72 @@ def test_steer_bad_feature_ids_are_reported(store_env):
     assert at.slider(key="coeff_f3").value == 8.0
 
 
+def _gens(at: AppTest) -> list[str]:
+    import html as html_lib
+    import re
+
+    return [html_lib.unescape(re.sub(r"<[^>]+>", "", h.value)) for h in at.html if 'class="ss-gen"' in h.value]
+
+
+def test_steer_with_a_saved_erasure_is_the_librarys_generation(store_env, tmp_path, monkeypatch):
+    import torch
+
+    from probe.models import load_model
+    from steering import INLP, generate
+
+    m = load_model(str(store_env["dense"]), device="cpu")
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 16  # a 16-class planted concept: its class means span 15 of the 64 dimensions
+    X = torch.randn(400, m.cfg.d_model, generator=g) + 4.0 * torch.randn(16, m.cfg.d_model, generator=g)[y]
+    e = INLP.fit(X, y, n_iter=3, seed=0)
+    e.provenance["site"] = "blocks.1.hook_resid_post"
+    e.save(tmp_path / "vectors" / "planted")
+    e.provenance.pop("site")
+    e.save(tmp_path / "vectors" / "nosite")
+    monkeypatch.setenv("STEERSCOPE_VECTORS", str(tmp_path / "vectors"))
+    at = open_app("steer")
+    assert "Choose at least one" in texts(at.info) and at.button(key="steer_run").disabled
+    at.multiselect(key="steer_erase").select("planted").run()
+    assert at.text_input(key="erase_site_planted").value == "blocks.1.hook_resid_post"
+    at.slider(key="steer_tokens").set_value(8).run()
+    at.button(key="steer_run").click().run()
+    assert not at.exception and not at.error, [x.value for x in at.error]
+    want = generate(m, "She walked into the room and", steer=[e.at("blocks.1.hook_resid_post")], mode="all",
+                    max_new_tokens=8, do_sample=True, temperature=0.8, seed=0)
+    base = generate(m, "She walked into the room and", max_new_tokens=8, do_sample=True, temperature=0.8, seed=0)
+    assert want != base and _gens(at)[1] == "She walked into the room and" + want  # the page applies the projection
+    assert "projection" in texts(at.code).lower() or "inlp" in texts(at.code).lower()
+    at.multiselect(key="steer_erase").select("nosite").run()
+    at.button(key="steer_run").click().run()
+    assert "erasure nosite needs a site" in texts(at.error)
+
+
+def test_steer_with_a_saved_controller_is_the_librarys_generation(store_env, tmp_path, monkeypatch):
+    from probe.models import load_model
+    from steering import generate
+    from steering.controller import Controller
+
+    m = load_model(str(store_env["dense"]), device="cpu")
+    ctl = Controller.fit(m, ["She was very angry.", "He shouted in fury."], ["She smiled warmly.", "He laughed."],
+                         alpha=20.0, hidden=8, epochs=50)
+    ctl.save(tmp_path / "vectors" / "anger")
+    monkeypatch.setenv("STEERSCOPE_VECTORS", str(tmp_path / "vectors"))
+    at = open_app("steer")
+    at.selectbox(key="steer_controller").select("anger").run()
+    assert at.slider(key="steer_alpha").value == 20.0
+    at.slider(key="steer_tokens").set_value(8).run()
+    at.button(key="steer_run").click().run()
+    assert not at.exception and not at.error, [x.value for x in at.error]
+    prompt = "She walked into the room and"
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=0.8, seed=0)
+    want = generate(m, prompt, steer=ctl.vectors_for(m, prompt), mode="all", **kw)
+    base = generate(m, prompt, **kw)
+    assert want != base and _gens(at) == [prompt + base, prompt + want]  # alpha 20 steers, and the page applies it
+    at.slider(key="steer_alpha").set_value(0.0).run()
+    at.button(key="steer_run").click().run()
+    assert "identical to the baseline" in texts(at.info)
+
+
 # ------------------------------------------------------------------ experts and patching
 def test_experts_on_a_dense_model_is_a_friendly_message(store_env):
     at = open_app("experts")
