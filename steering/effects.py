@@ -169,6 +169,16 @@ def _chunks(items: Sequence[str], size: int):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def unsteered_continuations(model, prompts: Sequence[str], samples: int = 4, max_new_tokens: int = 40,
+                             seed: int = 0) -> list[str]:
+    """The unsteered continuations ``coefficient_sweep`` compares against (same sampling settings)."""
+    from steering.apply import generate
+
+    batch = [p for p in ([prompts] if isinstance(prompts, str) else prompts) for _ in range(samples)]
+    return generate(model, batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=0.95,
+                    seed=seed)
+
+
 class SweepRow(NamedTuple):
     coeff: float
     topic_words: int  # topic-word occurrences in the steered continuations
@@ -182,11 +192,12 @@ class SweepRow(NamedTuple):
 
 def coefficient_sweep(model, vector: SteeringVector, coeffs: Sequence[float], prompts: Sequence[str],
                       words: Sequence[str], off_target: Sequence[str], samples: int = 4, max_new_tokens: int = 40,
-                      seed: int = 0, mode: str | None = None) -> list[SweepRow]:
+                      seed: int = 0, mode: str | None = None, baseline: Sequence[str] | None = None) -> list[SweepRow]:
     """ActAdd-style evaluation of ``vector`` at each coefficient: topic-word frequency ratio in sampled
     continuations (``samples`` per prompt, temperature 1, top-p 0.95, same seed for every row), off-target
     perplexity ratio, and next-token KL on the prompts. ``mode`` defaults to "prompt" for positional
-    (ActAdd) vectors and "all" for [d] vectors."""
+    (ActAdd) vectors and "all" for [d] vectors. ``baseline``: the unsteered continuations of an earlier sweep
+    with the same prompts, samples, length and seed (``unsteered_continuations``), to skip generating them again."""
     from steering.apply import generate
 
     prompts = list(prompts) if not isinstance(prompts, str) else [prompts]
@@ -197,7 +208,11 @@ def coefficient_sweep(model, vector: SteeringVector, coeffs: Sequence[float], pr
     mode = mode or ("prompt" if vector.positional else "all")
     batch = [p for p in prompts for _ in range(samples)]
     kw = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=0.95, seed=seed)
-    baseline = generate(model, batch, **kw)
+    if baseline is None:
+        baseline = unsteered_continuations(model, prompts, samples, max_new_tokens, seed)
+    elif len(baseline) != len(batch):
+        raise SteerscopeError(f"baseline holds {len(baseline)} continuations; {len(prompts)} prompts x {samples} "
+                              f"samples need {len(batch)}")
     base_counts, base_total = count_words(baseline, words)
     b = sum(base_counts.values())
     rows = []
