@@ -46,11 +46,16 @@ RULES = ("You are playing a game with two slot machines, A and B. Each pull of a
          "to 10. Each machine has its own average reward, which you do not know. Your goal is to win as much "
          "reward as possible over {steps} pulls.")
 ASK = "Which machine do you pull next? Answer with one letter, A or B."
+# --framing: a sentence after the rules. "exploit" tells the agent to stick with the better machine so far, which
+# makes it overconfident in the paper's sense (low action entropy, little exploration), the setting EAST targets.
+FRAMINGS = {"neutral": "", "exploit": " Always pull the machine that has paid the most so far."}
 PREFIX = "I pull machine"  # the assistant's answer starts so; the next token is " A" or " B"
 
 
-def prompt_of(history: list[tuple[int, int]], steps: int) -> str:
-    lines = [RULES.format(steps=steps), ""]
+def prompt_of(history: list[tuple[int, int]], steps: int, framing: str = "neutral") -> str:
+    if framing not in FRAMINGS:
+        raise SteerscopeError(f"framing must be one of {', '.join(FRAMINGS)}, got {framing!r}")
+    lines = [RULES.format(steps=steps) + FRAMINGS[framing], ""]
     if history:
         lines.append("Your pulls so far:")
         lines += [f"Pull {i + 1}: machine {'AB'[a]}, reward {r}" for i, (a, r) in enumerate(history)]
@@ -59,12 +64,12 @@ def prompt_of(history: list[tuple[int, int]], steps: int) -> str:
     return "\n".join([*lines, "", ASK])
 
 
-def agent_text(model, history: list[tuple[int, int]], steps: int) -> str:
+def agent_text(model, history: list[tuple[int, int]], steps: int, framing: str = "neutral") -> str:
     """The agent's prompt: the rules and history as a user message (through the chat template when the model
     has one), then the start of the assistant's answer, ``PREFIX``, so the next token is the machine's letter."""
     from probe.tokens import chat_text
 
-    user = prompt_of(history, steps)
+    user = prompt_of(history, steps, framing)
     if getattr(model.tokenizer, "chat_template", None) is not None:
         return chat_text(model, user) + PREFIX
     return user + "\n" + PREFIX
@@ -103,14 +108,14 @@ class Episodes:
         self.n, self.steps = n, steps
 
 
-def play(model, eps: Episodes, actions: list[int], policy, site: str | None = None) -> dict:
+def play(model, eps: Episodes, actions: list[int], policy, site: str | None = None, framing: str = "neutral") -> dict:
     """Run every episode with ``policy(prompts) -> (probs [B, 2], reference probs [B, 2] or None, mass, z)``."""
     from steering.east import entropy
 
     hist: list[list[tuple[int, int]]] = [[] for _ in range(eps.n)]
     ent, kl, mass, expl, reward, zs, hs, ep_ids = [], [], [], [], [], [], [], []
     for t in range(eps.steps):
-        probs, ref, m, z = policy([agent_text(model, h, eps.steps) for h in hist])
+        probs, ref, m, z = policy([agent_text(model, h, eps.steps, framing) for h in hist])
         h = entropy(probs)
         ent += h.tolist()
         mass += m.tolist()
@@ -148,11 +153,12 @@ def at_kl(rows: list[dict], target: float, key: str) -> float | None:
 
 def run(model_name="smollm2-135m-instruct", layer: int = 15, fit_episodes: int = 16, eval_episodes: int = 16,
         steps: int = 10, betas=(0.25, 0.5, 1.0, 2.0), taus=(1.5, 2.0, 4.0, 8.0), gap: float = 2.0, sd: float = 2.0,
-        kl_targets=(0.02, 0.05, 0.1), seed: int = 0) -> dict:
+        kl_targets=(0.02, 0.05, 0.1), seed: int = 0, framing: str = "neutral") -> dict:
     from probe.models import load_model
     from steering.east import EAST, decision_states
     from steering.vectors import SteeringVector
 
+    prompt_of([], steps, framing)  # a bad framing fails before the model loads
     t0 = time.perf_counter()
     model = load_model(model_name, device="cpu") if isinstance(model_name, str) else model_name
     name = model_name if isinstance(model_name, str) else model.cfg.model_name
@@ -165,7 +171,7 @@ def run(model_name="smollm2-135m-instruct", layer: int = 15, fit_episodes: int =
         return d.probs, None, d.mass, d.z
 
     times = {}
-    fit = play(model, Episodes(fit_episodes, steps, gap, sd, seed), acts, plain, site)
+    fit = play(model, Episodes(fit_episodes, steps, gap, sd, seed), acts, plain, site, framing)
     z, h, ep = fit.pop("fit")
     times["fit_s"] = time.perf_counter() - t0
     scale = float(z.norm(dim=1).mean())
@@ -191,22 +197,23 @@ def run(model_name="smollm2-135m-instruct", layer: int = 15, fit_episodes: int =
 
     ev = Episodes(eval_episodes, steps, gap, sd, seed + 1000)
     t1 = time.perf_counter()
-    base = play(model, ev, acts, plain)
+    base = play(model, ev, acts, plain, framing=framing)
     base.pop("fit", None)  # the unsteered policy reads z too; only the fitting episodes keep it
     arms = {"none": [{"coeff": 0.0, **base}]}
     for kind, vec in dirs.items():
         if float(vec.norm()) == 0:
             continue
         unit = vec / vec.norm()
-        arms[kind] = [{"beta": b, "coeff": b * scale, **play(model, ev, acts, steered(SteeringVector(site, unit, b * scale)))}
+        arms[kind] = [{"beta": b, "coeff": b * scale, **play(model, ev, acts, steered(SteeringVector(site, unit, b * scale)),
+                                                                      framing=framing)}
                       for b in betas]
-    arms["temperature"] = [{"tau": tau, **play(model, ev, acts, tempered(tau))} for tau in taus]
+    arms["temperature"] = [{"tau": tau, **play(model, ev, acts, tempered(tau), framing=framing)} for tau in taus]
     times["eval_s"] = time.perf_counter() - t1
     matched = {kind: {str(k): {"entropy": at_kl(rows, k, "entropy"), "exploratory": at_kl(rows, k, "exploratory")}
                       for k in kl_targets}
                for kind, rows in arms.items() if kind != "none"}
     return {"model": name, "site": site, "steps": steps, "fit_episodes": fit_episodes, "eval_episodes": eval_episodes,
-            "gap": gap, "sd": sd, "example_prompt": agent_text(model, [(0, 4), (1, 6)], steps),
+            "gap": gap, "sd": sd, "framing": framing, "example_prompt": agent_text(model, [(0, 4), (1, 6)], steps, framing),
             "fit": {**fit, "decisions": len(z), "east_norm": float(east.tensor.norm()),
                     "resid_norm_at_decision": scale, "cos_east_diff_in_means": cos,
                     "max_entropy": math.log(2)},
@@ -225,11 +232,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gap", type=float, default=2.0, help="how much better the good machine pays on average")
     p.add_argument("--sd", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--framing", default="neutral", choices=list(FRAMINGS),
+                   help="neutral, or exploit: the rules also tell the agent to pull the machine that has paid the most "
+                        "so far (an overconfident agent, the setting EAST is for)")
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     res = run(a.model, a.layer, a.fit_episodes, a.eval_episodes, a.steps,
               tuple(float(x) for x in a.betas.split(",")), tuple(float(x) for x in a.taus.split(",")), a.gap, a.sd,
-              seed=a.seed)
+              seed=a.seed, framing=a.framing)
     emit(res, a.out)
 
 

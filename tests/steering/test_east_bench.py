@@ -42,3 +42,15 @@ def test_run_at_tiny_size(tiny_dense):
         for r in rows:
             assert 0 <= r["entropy"] <= math.log(2) + 1e-9 and 0 <= r["exploratory"] <= 1 and r["kl"] >= -1e-12
     assert res["arms"]["none"][0]["kl"] == 0.0
+
+
+def test_the_exploit_framing_adds_its_sentence_and_bad_framings_get_one_line(tiny_dense):
+    from probe.errors import SteerscopeError
+
+    assert "Always pull the machine that has paid the most so far." in prompt_of([(0, 4)], 5, "exploit")
+    assert "paid the most" not in prompt_of([(0, 4)], 5)
+    with pytest.raises(SteerscopeError, match="framing must be one of neutral, exploit"):
+        run(tiny_dense, framing="greedy")
+    res = run(tiny_dense, layer=1, fit_episodes=2, eval_episodes=1, steps=2, betas=(1.0,), taus=(2.0,),
+              framing="exploit")
+    assert res["framing"] == "exploit" and "paid the most" in res["example_prompt"]
