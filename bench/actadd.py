@@ -14,7 +14,8 @@ For each pair of ``bench/data/actadd.json`` ("Love" - "Hate", " weddings" - " ",
    (mode "all") at ``--md-coeffs`` times the mean residual norm there.
 
 Each arm: topic-word frequency ratio (steered / unsteered rate per word, ~95 % band from Poisson counts),
-off-target perplexity ratio on 8 neutral paragraphs (ActAdd's injected positions masked), next-token KL on
+off-target perplexity ratio on 8 neutral paragraphs (ActAdd's injected positions masked; for ActAdd also
+"downstream", with the token predicted from the last injected position masked too), next-token KL on
 the prompts, and a greedy continuation of the paper's prompt. Norms: the vector's norm (per injected row
 for ActAdd) over the mean residual norm at the site on the off-target text (position 0 left out).
 
@@ -102,13 +103,19 @@ def actadd_vector(model, pair: dict, layer: int, sink: str):
     return v
 
 
-def _row(r, norm_ratio: float | None = None) -> dict:
+def _row(r, norm_ratio: float | None = None, model=None, v=None, off=None) -> dict:
+    """A sweep row as JSON; for an ActAdd vector ``v`` also the off-target perplexity ratio with token T (the one
+    predicted from the last injected position) left out too: the effect downstream of the injection."""
     out = {k: (round(x, 4) if isinstance(x, float) and math.isfinite(x) else x) for k, x in r._asdict().items()}
     for k, x in out.items():  # JSON has no inf/nan
         if isinstance(x, float) and not math.isfinite(x):
             out[k] = str(x)
     if norm_ratio is not None:
         out["norm_over_residual"] = round(norm_ratio * abs(r.coeff), 4)
+    if v is not None and v.positional:
+        from steering.effects import perplexity_ratio
+
+        out["ppl_ratio_downstream"] = round(perplexity_ratio(model, off, [v.with_coeff(r.coeff)], mask_next=True).ratio, 4)
     return out
 
 
@@ -137,10 +144,10 @@ def run_pair(model, pair: dict, data: dict, layers: list[int], coeff: float, coe
         (r,) = coefficient_sweep(model, v, [coeff], prompts, words, off, samples=samples, max_new_tokens=new_tokens,
                                  seed=seed, mode="prompt", baseline=base)
         sweep.append({"layer": L, "residual_norm": round(rnorm, 3), "rows": len(rows_norm), "unit_ratio": ratio,
-                      "sink_row_norm": round(float(rows_norm[0]), 3), **_row(r, ratio),
+                      "sink_row_norm": round(float(rows_norm[0]), 3), **_row(r, ratio, model, v, off),
                       "greedy": greedy(model, pair["prompt"], v.with_coeff(coeff), "prompt", new_tokens)})
         progress(f"{pair['name']} layer {L}: ratio {r.freq_ratio:.2f} ({r.freq_ratio_lo:.2f}-{r.freq_ratio_hi:.2f})"
-                 f" ppl {r.ppl_ratio:.3f} kl {r.kl:.3f}")
+                 f" ppl {r.ppl_ratio:.3f} (downstream {sweep[-1]['ppl_ratio_downstream']:.3f}) kl {r.kl:.3f}")
     best = max(sweep, key=lambda s: (_num(s["freq_ratio_lo"]), _num(s["freq_ratio"])))
     L = best["layer"]
     res["layer_sweep"] = {"coeff": coeff, "samples_per_prompt": samples, "continuations": samples * len(prompts),
@@ -153,7 +160,7 @@ def run_pair(model, pair: dict, data: dict, layers: list[int], coeff: float, coe
                              seed=seed, mode="prompt", baseline=base2)
     res["coefficient_sweep"] = {"layer": L, "samples_per_prompt": sweep_samples,
                                 "continuations": sweep_samples * len(prompts),
-                                "rows": [{**_row(r, ratio), "greedy": greedy(model, pair["prompt"], v.with_coeff(r.coeff),
+                                "rows": [{**_row(r, ratio, model, v, off), "greedy": greedy(model, pair["prompt"], v.with_coeff(r.coeff),
                                                                              "prompt", new_tokens)} for r in rows]}
     progress(f"{pair['name']} coefficient sweep at layer {L} done")
     unit = mean_difference(model, pair["positive"], pair["negative"], v.site)

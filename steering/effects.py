@@ -105,15 +105,18 @@ def target_logprob_shift(model, prompts: Sequence[str], targets: Sequence[str | 
 
 
 def perplexity_ratio(model, texts: Sequence[str], vectors: Sequence[SteeringVector],
-                     mask_injected: bool = True, batch_size: int = 16) -> Perplexity:
+                     mask_injected: bool = True, batch_size: int = 16, mask_next: bool = False) -> Perplexity:
     """Steered / unsteered perplexity on (off-target) ``texts``.
 
     With ``mask_injected`` the tokens at the positions a positional (ActAdd) vector is injected
     into (0..T-1) are left out of both losses (ActAdd's "mask_injection_logprob"); [d] vectors
-    inject everywhere, so they exclude nothing. BOS is never scored.
+    inject everywhere, so they exclude nothing. BOS is never scored. ``mask_next`` also leaves out token T,
+    the one predicted *from* the last injected position, so only predictions made at un-injected positions
+    (the steering's downstream effect through attention) are scored.
     """
     vectors = check_vectors(model, vectors, "prompt")
-    skip = max([v.tensor.shape[0] for v in vectors if v.positional] + [1]) if mask_injected else 1
+    T = max([v.tensor.shape[0] for v in vectors if v.positional] + [0])
+    skip = max(T + int(mask_next and T > 0), 1) if mask_injected else 1
     base, steered, keeps = [], [], []
     for chunk in _chunks(texts, batch_size):
         tokens, mask, pad_left = left_pad(model, chunk)

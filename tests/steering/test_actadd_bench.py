@@ -31,7 +31,8 @@ def test_shape_and_sizes(result):
 def test_coefficient_zero_is_the_unsteered_model(result):
     love = result["pairs"]["love"]
     zero = love["coefficient_sweep"]["rows"][0]
-    assert zero["coeff"] == 0.0 and zero["kl"] == 0.0 and zero["ppl_ratio"] == 1.0
+    assert zero["coeff"] == 0.0 and zero["kl"] == 0.0 and zero["ppl_ratio"] == 1.0 == zero["ppl_ratio_downstream"]
+    assert all("ppl_ratio_downstream" in r for r in love["layer_sweep"]["rows"])
     assert zero["greedy"] == love["greedy_unsteered"]
     assert zero["freq_ratio"] == 1.0 or (zero["baseline_words"] == 0 and zero["freq_ratio"] == "nan")
     md0 = love["mean_difference"]["rows"][0]

@@ -119,6 +119,16 @@ def test_perplexity_ratio_masks_actadd_positions(model):
     assert out.baseline == pytest.approx(math.exp(nll_b / n), rel=1e-4)
     assert perplexity_ratio(model, texts, [v], mask_injected=False).n_tokens == n + len(texts) * (T - 1)
     assert perplexity_ratio(model, texts, [v.with_coeff(0.0)]).ratio == 1.0
+    # mask_next also leaves out token T, the one predicted from the last injected position
+    down = perplexity_ratio(model, texts, [v], mask_next=True)
+    nll_b, nll_s, n = 0.0, 0.0, 0
+    for text in texts:
+        targets = model.to_tokens(text)[0][T + 1:]
+        nll_b -= float(_logprobs(model, text)[T:-1].gather(-1, targets[:, None]).sum())
+        nll_s -= float(_logprobs(model, text, [v])[T:-1].gather(-1, targets[:, None]).sum())
+        n += len(targets)
+    assert down.n_tokens == n == out.n_tokens - len(texts)
+    assert down.ratio == pytest.approx(math.exp((nll_s - nll_b) / n), rel=1e-4)
 
 
 def test_effects_bad_inputs(model, flat):
