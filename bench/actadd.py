@@ -19,10 +19,13 @@ off-target perplexity ratio on 8 neutral paragraphs (ActAdd's injected positions
 the prompts, and a greedy continuation of the paper's prompt. Norms: the vector's norm (per injected row
 for ActAdd) over the mean residual norm at the site on the off-target text (position 0 left out).
 
-On a model whose tokenizer adds no BOS (SmolLM2), row 0 of an ActAdd vector is the difference of two
-attention sinks (norm ~10x a normal row there) and would land on the user prompt's sink. The paper's models
-prepend a BOS, which makes row 0 exactly zero; ``--sink zero`` (the default) zeroes row 0 to keep that
-semantics, ``--sink keep`` adds it.
+On a model whose tokenizer adds no BOS (SmolLM2), position 0 is the attention sink *and* the first content
+token: row 0 of an ActAdd vector is the difference of two sinks ("Love" vs "H" of "Hate"), and it lands on
+the user prompt's sink. The paper's models prepend a BOS, which makes row 0 exactly zero and puts the first
+content difference on the prompt's first real token. No choice keeps both halves of that here (zeroing row 0
+would drop the only row of " weddings" - " "), so the vector is used as the method defines it on the model's
+own tokens, and the norms are reported apart: row 0 against the residual norm at position 0, the other
+rows against the residual norm at the other positions.
 
     python -m bench.actadd --model smollm2-135m-instruct --json runs/actadd.json
 
@@ -61,8 +64,8 @@ def load_data(path: Path = DATA) -> dict:
 
 @torch.no_grad()
 def site_rows(model, texts: list[str], site: str) -> list[torch.Tensor]:
-    """Per text, the activations [T - 1, d] at ``site``, position 0 (a BOS or, without one, the attention sink,
-    whose norm is ~100x the others on SmolLM2) left out."""
+    """Per text, the activations [T, d] at ``site`` (callers leave out position 0: a BOS or, without one, the
+    attention sink, whose norm is ~100x the others on SmolLM2)."""
     from probe.tokens import encode
 
     out = []
@@ -71,13 +74,15 @@ def site_rows(model, texts: list[str], site: str) -> list[torch.Tensor]:
         if len(toks) < 2:
             raise SteerscopeError(f"{t!r} is a single token; the text needs a token after position 0")
         _, cache = model.run_with_cache(toks[None], names_filter=[site])
-        out.append(cache[site][0, 1:].float().cpu())
+        out.append(cache[site][0].float().cpu())
     return out
 
 
-def residual_norm(model, texts: list[str], site: str) -> float:
-    """Mean L2 norm of the activations at ``site`` over the texts' tokens after position 0."""
-    return float(torch.cat([r.norm(dim=-1) for r in site_rows(model, texts, site)]).mean())
+def residual_norms(model, texts: list[str], site: str) -> tuple[float, float]:
+    """Mean L2 norm of the activations at ``site``: (at position 0, over the texts' other tokens)."""
+    rows = site_rows(model, texts, site)
+    return (float(torch.stack([r[0].norm() for r in rows]).mean()),
+            float(torch.cat([r[1:].norm(dim=-1) for r in rows]).mean()))
 
 
 def mean_difference(model, positive: list[str], negative: list[str], site: str):
@@ -85,33 +90,29 @@ def mean_difference(model, positive: list[str], negative: list[str], site: str):
     unit vector; the raw norm goes in the provenance."""
     from steering import SteeringVector
 
-    pos, neg = (torch.stack([r.mean(0) for r in site_rows(model, s, site)]).mean(0) for s in (positive, negative))
+    pos, neg = (torch.stack([r[1:].mean(0) for r in site_rows(model, s, site)]).mean(0) for s in (positive, negative))
     d = pos - neg
     norm = float(d.norm())
     return SteeringVector(site, d / norm, 1.0, {"method": "mean_diff", "position": "mean, position 0 left out",
                                                 "n_pos": len(positive), "n_neg": len(negative), "raw_norm": norm})
 
 
-def actadd_vector(model, pair: dict, layer: int, sink: str):
+def actadd_vector(model, pair: dict, layer: int):
     from steering import SteeringVector
 
-    v = SteeringVector.actadd(model, pair["add"], pair["sub"], layer=layer, coeff=1.0)
-    if sink == "zero":
-        t = v.tensor.clone()
-        t[0] = 0.0
-        v = SteeringVector(v.site, t, 1.0, {**v.provenance, "sink_row": "zeroed"})
-    return v
+    return SteeringVector.actadd(model, pair["add"], pair["sub"], layer=layer, coeff=1.0)
 
 
-def _row(r, norm_ratio: float | None = None, model=None, v=None, off=None) -> dict:
+def _row(r, norm_ratio: tuple[float, float | None] | None = None, model=None, v=None, off=None) -> dict:
     """A sweep row as JSON; for an ActAdd vector ``v`` also the off-target perplexity ratio with token T (the one
     predicted from the last injected position) left out too: the effect downstream of the injection."""
     out = {k: (round(x, 4) if isinstance(x, float) and math.isfinite(x) else x) for k, x in r._asdict().items()}
     for k, x in out.items():  # JSON has no inf/nan
         if isinstance(x, float) and not math.isfinite(x):
             out[k] = str(x)
-    if norm_ratio is not None:
-        out["norm_over_residual"] = round(norm_ratio * abs(r.coeff), 4)
+    if norm_ratio is not None:  # per unit coefficient: (row 0 / position-0 norm, other rows / residual norm)
+        out["row0_over_position0"] = round(norm_ratio[0] * abs(r.coeff), 4)
+        out["norm_over_residual"] = None if norm_ratio[1] is None else round(norm_ratio[1] * abs(r.coeff), 4)
     if v is not None and v.positional:
         from steering.effects import perplexity_ratio
 
@@ -126,8 +127,7 @@ def greedy(model, prompt: str, v, mode: str, new_tokens: int) -> str:
 
 
 def run_pair(model, pair: dict, data: dict, layers: list[int], coeff: float, coeffs: list[float],
-             md_coeffs: list[float], samples: int, sweep_samples: int, new_tokens: int, seed: int, sink: str,
-             progress) -> dict:
+             md_coeffs: list[float], samples: int, sweep_samples: int, new_tokens: int, seed: int, progress) -> dict:
     from steering.effects import coefficient_sweep, unsteered_continuations
 
     prompts, words, off = [pair["prompt"], *data["prompts"]], pair["words"], data["off_target"]
@@ -136,15 +136,15 @@ def run_pair(model, pair: dict, data: dict, layers: list[int], coeff: float, coe
     base = unsteered_continuations(model, prompts, samples, new_tokens, seed)
     sweep = []
     for L in layers:
-        v = actadd_vector(model, pair, L, sink)
-        rnorm = residual_norm(model, off, v.site)
+        v = actadd_vector(model, pair, L)
+        norm0, rnorm = residual_norms(model, off, v.site)
         rows_norm = v.tensor.norm(dim=-1)
-        injected = rows_norm[1:] if sink == "zero" and len(rows_norm) > 1 else rows_norm
-        ratio = float(injected.mean()) / rnorm  # per unit coefficient
+        ratio = (float(rows_norm[0]) / norm0, float(rows_norm[1:].mean()) / rnorm if len(rows_norm) > 1 else None)
         (r,) = coefficient_sweep(model, v, [coeff], prompts, words, off, samples=samples, max_new_tokens=new_tokens,
                                  seed=seed, mode="prompt", baseline=base)
-        sweep.append({"layer": L, "residual_norm": round(rnorm, 3), "rows": len(rows_norm), "unit_ratio": ratio,
-                      "sink_row_norm": round(float(rows_norm[0]), 3), **_row(r, ratio, model, v, off),
+        sweep.append({"layer": L, "residual_norm": round(rnorm, 3), "position0_norm": round(norm0, 3),
+                      "rows": len(rows_norm), "unit_ratio": ratio, "row_norms": [round(float(x), 3) for x in rows_norm],
+                      **_row(r, ratio, model, v, off),
                       "greedy": greedy(model, pair["prompt"], v.with_coeff(coeff), "prompt", new_tokens)})
         progress(f"{pair['name']} layer {L}: ratio {r.freq_ratio:.2f} ({r.freq_ratio_lo:.2f}-{r.freq_ratio_hi:.2f})"
                  f" ppl {r.ppl_ratio:.3f} (downstream {sweep[-1]['ppl_ratio_downstream']:.3f}) kl {r.kl:.3f}")
@@ -153,7 +153,7 @@ def run_pair(model, pair: dict, data: dict, layers: list[int], coeff: float, coe
     res["layer_sweep"] = {"coeff": coeff, "samples_per_prompt": samples, "continuations": samples * len(prompts),
                           "rows": sweep}
     res["best_layer"] = L
-    v = actadd_vector(model, pair, L, sink)
+    v = actadd_vector(model, pair, L)
     ratio = best["unit_ratio"]
     base2 = unsteered_continuations(model, prompts, sweep_samples, new_tokens, seed)
     rows = coefficient_sweep(model, v, coeffs, prompts, words, off, samples=sweep_samples, max_new_tokens=new_tokens,
@@ -181,12 +181,10 @@ def _num(x) -> float:
 
 
 def run(model_name: str, layers: list[int] | None, coeff: float, coeffs: list[float], md_coeffs: list[float],
-        samples: int, sweep_samples: int, new_tokens: int, seed: int, sink: str, pairs: list[str] | None = None,
+        samples: int, sweep_samples: int, new_tokens: int, seed: int, pairs: list[str] | None = None,
         data_file: Path = DATA, n_prompts: int | None = None, progress: bool = True) -> dict:
     from probe.models import load_model
 
-    if sink not in ("zero", "keep"):
-        raise SteerscopeError(f"--sink must be 'zero' or 'keep', got {sink!r}")
     data = load_data(data_file)
     if n_prompts is not None:
         data = {**data, "prompts": data["prompts"][:max(0, n_prompts - 1)]}
@@ -202,12 +200,12 @@ def run(model_name: str, layers: list[int] | None, coeff: float, coeffs: list[fl
     if bad:
         raise SteerscopeError(f"layers {bad} out of range: the model has {n} layers (0 to {n - 1})")
     say = (lambda m: print(f"[{time.perf_counter() - t0:7.1f} s] {m}", flush=True)) if progress else (lambda m: None)
-    out = {"model": model_name, "layers": layers, "sink": sink, "new_tokens": new_tokens, "seed": seed,
+    out = {"model": model_name, "layers": layers, "new_tokens": new_tokens, "seed": seed,
            "threads": torch.get_num_threads(), "pairs": {}}
     for p in chosen:
         t = time.perf_counter()
         out["pairs"][p["name"]] = run_pair(model, p, data, layers, coeff, coeffs, md_coeffs, samples, sweep_samples,
-                                           new_tokens, seed, sink, say)
+                                           new_tokens, seed, say)
         out["pairs"][p["name"]]["wall_time_s"] = round(time.perf_counter() - t, 1)
     out["wall_time_s"] = round(time.perf_counter() - t0, 1)
     return out
@@ -231,14 +229,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sweep-samples", type=int, default=13, help="continuations per prompt in the sweeps at the best layer")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sink", default="zero", help="zero: ActAdd's row 0 zeroed (the paper's BOS semantics); keep")
     p.add_argument("--pairs", default=None, help="comma-separated pair names (default: all)")
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     a = p.parse_args(argv)
     layers = [int(x) for x in _floats(a.layers, "--layers")] if a.layers else None
     pairs = [x.strip() for x in a.pairs.split(",")] if a.pairs else None
     emit(run(a.model, layers, a.coeff, _floats(a.coeffs, "--coeffs"), _floats(a.md_coeffs, "--md-coeffs"), a.samples,
-             a.sweep_samples, a.new_tokens, a.seed, a.sink, pairs), a.json)
+             a.sweep_samples, a.new_tokens, a.seed, pairs), a.json)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from probe.errors import SteerscopeError
 @pytest.fixture(scope="module")
 def result(tiny_zoo):
     return actadd.run(str(tiny_zoo), layers=[0, 1], coeff=3.0, coeffs=[0.0, 6.0], md_coeffs=[0.0, 1.0], samples=1,
-                      sweep_samples=2, new_tokens=5, seed=0, sink="zero", pairs=["love"], n_prompts=3, progress=False)
+                      sweep_samples=2, new_tokens=5, seed=0, pairs=["love"], n_prompts=3, progress=False)
 
 
 def test_shape_and_sizes(result):
@@ -57,14 +57,16 @@ def test_norms_recomputed_independently(result, tiny_zoo):
     pair = next(p for p in data["pairs"] if p["name"] == "love")
     for row in result["pairs"]["love"]["layer_sweep"]["rows"]:
         site = f"blocks.{row['layer']}.hook_resid_pre"
-        norms = []
+        norms, first = [], []
         for text in data["off_target"]:
             _, cache = m.run_with_cache(m.to_tokens(text), names_filter=[site])
             norms.append(cache[site][0, 1:].norm(dim=-1))
+            first.append(cache[site][0, 0].norm())
         rnorm = float(torch.cat(norms).mean())
         assert row["residual_norm"] == pytest.approx(rnorm, abs=6e-4)  # printed to 3 decimals
+        assert row["position0_norm"] == pytest.approx(float(torch.stack(first).mean()), abs=6e-4)
         v = SteeringVector.actadd(m, pair["add"], pair["sub"], layer=row["layer"])
-        assert float(v.tensor[0].norm()) == 0.0  # this model has a BOS: row 0 is zero already
+        assert float(v.tensor[0].norm()) == 0.0 == row["row0_over_position0"]  # this model has a BOS: row 0 is zero
         want = 3.0 * float(v.tensor[1:].norm(dim=-1).mean()) / rnorm
         assert row["norm_over_residual"] == pytest.approx(want, rel=1e-3, abs=6e-5)  # 4 decimals
 
@@ -73,11 +75,9 @@ def test_bad_input_gets_one_clear_line(tiny_zoo, tmp_path):
     kw = dict(layers=[0], coeff=1.0, coeffs=[0.0], md_coeffs=[0.0], samples=1, sweep_samples=1, new_tokens=2, seed=0,
               progress=False)
     with pytest.raises(SteerscopeError, match="out of range"):
-        actadd.run(str(tiny_zoo), **{**kw, "layers": [9]}, sink="zero")
-    with pytest.raises(SteerscopeError, match="--sink must be"):
-        actadd.run(str(tiny_zoo), **kw, sink="both")
+        actadd.run(str(tiny_zoo), **{**kw, "layers": [9]})
     with pytest.raises(SteerscopeError, match="unknown pair"):
-        actadd.run(str(tiny_zoo), **kw, sink="zero", pairs=["joy"])
+        actadd.run(str(tiny_zoo), **kw, pairs=["joy"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"pairs": [{"name": "x"}], "prompts": ["a"], "off_target": ["b"]}))
     with pytest.raises(SteerscopeError, match="is not an ActAdd data file"):
