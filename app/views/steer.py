@@ -21,8 +21,9 @@ DEFAULT_COEFF = 8.0
 store = _ui.open_store()
 st.title("Steer")
 st.caption("Each feature adds coefficient × its decoder direction at the site it writes to (MLP features mapped to "
-           "the residual stream); saved vectors add coefficient × their tensor. Baseline and steered runs use the "
-           "same seed, so any difference comes from the steering.")
+           "the residual stream); saved vectors add coefficient × their tensor; a saved INLP erasure sets its concept's "
+           "subspace to the mean at its site; a saved controller weights its per-layer directions for the prompt. "
+           "Baseline and steered runs use the same seed, so any difference comes from the steering.")
 
 
 def parse_ids(text: str) -> tuple[list[int], list[str]]:
