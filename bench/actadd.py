@@ -7,10 +7,11 @@ For each pair of ``bench/data/actadd.json`` ("Love" - "Hate", " weddings" - " ",
    coefficient (``--coeff``) at each of ``--layers``; ``--samples`` sampled continuations per prompt
    (temperature 1, top-p 0.95, the same seed in every arm) on 16 prompts: the pair's own prompt from the paper
    and 15 neutral openings.
-2. Coefficient sweep at the best layer (the highest lower band of the topic-word frequency ratio in step 1),
+2. Coefficient sweep at the best layer (the highest lower band of the topic-word frequency ratio in step 1;
+   where the unsteered continuations hold no topic word, so no band exists, the most topic words),
    ``--coeffs``, ``--sweep-samples`` continuations per prompt.
-3. The mean-difference vector of the same concept at the same site (``SteeringVector.mean_diff`` over the
-   pair's 10 + 10 contrast sentences, every real token averaged), unit length, added at every position
+3. The mean-difference vector of the same concept at the same site (over the pair's 10 + 10 contrast
+   sentences, every token after position 0 averaged: on SmolLM2 position 0 is the sink), unit length, added at every position
    (mode "all") at ``--md-coeffs`` times the mean residual norm there.
 
 Each arm: topic-word frequency ratio (steered / unsteered rate per word, ~95 % band from Poisson counts),
@@ -148,7 +149,8 @@ def run_pair(model, pair: dict, data: dict, layers: list[int], coeff: float, coe
                       "greedy": greedy(model, pair["prompt"], v.with_coeff(coeff), "prompt", new_tokens)})
         progress(f"{pair['name']} layer {L}: ratio {r.freq_ratio:.2f} ({r.freq_ratio_lo:.2f}-{r.freq_ratio_hi:.2f})"
                  f" ppl {r.ppl_ratio:.3f} (downstream {sweep[-1]['ppl_ratio_downstream']:.3f}) kl {r.kl:.3f}")
-    best = max(sweep, key=lambda s: (_num(s["freq_ratio_lo"]), _num(s["freq_ratio"])))
+    # the highest lower band; where no band exists (no topic word in the baseline), the most topic words
+    best = max(sweep, key=lambda s: (_num(s["freq_ratio_lo"]), s["topic_words"], _num(s["freq_ratio"])))
     L = best["layer"]
     res["layer_sweep"] = {"coeff": coeff, "samples_per_prompt": samples, "continuations": samples * len(prompts),
                           "rows": sweep}

@@ -43,9 +43,9 @@ def test_coefficient_zero_is_the_unsteered_model(result):
 
 def test_best_layer_follows_the_rule(result):
     rows = result["pairs"]["love"]["layer_sweep"]["rows"]
-    num = [r["freq_ratio_lo"] if isinstance(r["freq_ratio_lo"], float) else -math.inf for r in rows]
+    key = [(r["freq_ratio_lo"] if isinstance(r["freq_ratio_lo"], float) else -math.inf, r["topic_words"]) for r in rows]
     best = result["pairs"]["love"]["best_layer"]
-    assert num[[r["layer"] for r in rows].index(best)] == max(num)
+    assert key[[r["layer"] for r in rows].index(best)] == max(key)
 
 
 def test_norms_recomputed_independently(result, tiny_zoo):
