@@ -77,8 +77,9 @@ with left:
     library = saved("vector.json")
     chosen = st.multiselect("Saved steering vectors", list(library), key="steer_saved",
                             help="Vectors saved with SteeringVector.save in the --vectors directory.",
-                            disabled=not library, placeholder="none found (start the app with --vectors DIR)"
-                            if not library else "choose vectors")
+                            disabled=not library, placeholder="choose vectors" if library else
+                            "none in the --vectors directory" if _ui.settings().vectors else
+                            "none found (start the app with --vectors DIR)")
     if st.session_state.get("steer_url_done") is None:  # URL coefficients seed the sliders once per session
         for j, c in zip(feats, url_coeffs(len(feats)), strict=True):
             if c is not None:
