@@ -136,9 +136,9 @@ def feature_vector(spec: str, coeff: float, model):
     if not Path(where).is_dir():
         raise SteerscopeError(f"--feature {spec}: {where} is not a directory (a saved dictionary: cfg.json + weights)")
     d = load_dictionary(where)
-    want = getattr(d.cfg, "model", None)
-    if want and getattr(model.cfg, "model_name", None) not in (None, want) and Path(want).name != model.cfg.model_name:
-        typer.echo(f"note: {where} was trained on {want!r}; steering {model.cfg.model_name!r}", err=True)
+    want, name = getattr(d.cfg, "model", None), model.cfg.model_name
+    if want and name not in (want, Path(want).name):
+        typer.echo(f"note: {where} was trained on {want!r}; steering {name!r}", err=True)
     return SteeringVector.from_feature(d, int(index), coeff=coeff, model=model)
 
 

@@ -107,10 +107,8 @@ def actadd_vector(model, pair: dict, layer: int):
 def _row(r, norm_ratio: tuple[float, float | None] | None = None, model=None, v=None, off=None) -> dict:
     """A sweep row as JSON; for an ActAdd vector ``v`` also the off-target perplexity ratio with token T (the one
     predicted from the last injected position) left out too: the effect downstream of the injection."""
-    out = {k: (round(x, 4) if isinstance(x, float) and math.isfinite(x) else x) for k, x in r._asdict().items()}
-    for k, x in out.items():  # JSON has no inf/nan
-        if isinstance(x, float) and not math.isfinite(x):
-            out[k] = str(x)
+    out = {k: ((round(x, 4) if math.isfinite(x) else str(x)) if isinstance(x, float) else x)  # JSON has no inf/nan
+           for k, x in r._asdict().items()}
     if norm_ratio is not None:  # per unit coefficient: (row 0 / position-0 norm, other rows / residual norm)
         out["row0_over_position0"] = round(norm_ratio[0] * abs(r.coeff), 4)
         out["norm_over_residual"] = None if norm_ratio[1] is None else round(norm_ratio[1] * abs(r.coeff), 4)

@@ -172,14 +172,16 @@ def _chunks(items: Sequence[str], size: int):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+_SAMPLING = dict(do_sample=True, temperature=1.0, top_p=0.95)  # the sweeps' sampling, steered and unsteered alike
+
+
 def unsteered_continuations(model, prompts: Sequence[str], samples: int = 4, max_new_tokens: int = 40,
                              seed: int = 0) -> list[str]:
     """The unsteered continuations ``coefficient_sweep`` compares against (same sampling settings)."""
     from steering.apply import generate
 
     batch = [p for p in ([prompts] if isinstance(prompts, str) else prompts) for _ in range(samples)]
-    return generate(model, batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=0.95,
-                    seed=seed)
+    return generate(model, batch, max_new_tokens=max_new_tokens, seed=seed, **_SAMPLING)
 
 
 class SweepRow(NamedTuple):
@@ -210,7 +212,7 @@ def coefficient_sweep(model, vector: SteeringVector, coeffs: Sequence[float], pr
         raise SteerscopeError("no coefficients to sweep")
     mode = mode or ("prompt" if vector.positional else "all")
     batch = [p for p in prompts for _ in range(samples)]
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=True, temperature=1.0, top_p=0.95, seed=seed)
+    kw = dict(max_new_tokens=max_new_tokens, seed=seed, **_SAMPLING)
     if baseline is None:
         baseline = unsteered_continuations(model, prompts, samples, max_new_tokens, seed)
     elif len(baseline) != len(batch):
